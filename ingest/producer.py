@@ -1,0 +1,132 @@
+"""Kafka producer for the write path: a request is answered only after the broker acknowledged it.
+
+Delivery guarantee: ``send`` returns only when every record was acknowledged by all in-sync replicas
+(``acks=all``, idempotent producer: no duplicates from the producer's own retries, order kept per
+partition). If any record fails or times out, ``send`` raises :class:`BrokerUnavailable` and the client
+gets a 503; records of the same request that did get through are harmless, because a retry of the request
+carries the same (source, id) and is deduplicated downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from schemas.problems import MeterstreamError
+
+log = logging.getLogger(__name__)
+
+class BrokerUnavailable(MeterstreamError):
+    """The broker did not acknowledge a record in time."""
+
+
+class EventProducer:
+    """An asyncio face on confluent-kafka's producer. One background thread serves delivery reports."""
+
+    def __init__(self, config: dict[str, str], topic: str, timeout_ms: int, linger_ms: int) -> None:
+        self._topic = topic
+        self._timeout_s = timeout_ms / 1000
+        self._producer = Producer(
+            config
+            | {
+                "acks": "all",
+                "enable.idempotence": "true",
+                "linger.ms": str(linger_ms),
+                # Failing here is what turns into a 503; the request itself waits a little longer.
+                "message.timeout.ms": str(timeout_ms),
+                "message.max.bytes": str(4 * 1024 * 1024),
+                "queue.buffering.max.kbytes": str(512 * 1024),
+                "error_cb": self._on_error,
+                "logger": logging.getLogger("librdkafka.producer"),
+            }
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="ingest-producer-poll", daemon=True)
+        self._thread.start()
+        self._partitions: int | None = None
+        #: Highest offset the broker acknowledged, per partition (for draining at shutdown).
+        self.acknowledged: dict[int, int] = {}
+
+    def _on_error(self, error: KafkaError) -> None:
+        log.warning("kafka producer: %s", error)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def partitions(self) -> int:
+        """Partition count of the events topic (from the broker, cached)."""
+        if self._partitions is None:
+            metadata = self._producer.list_topics(self._topic, timeout=self._timeout_s)
+            topic = metadata.topics.get(self._topic)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise BrokerUnavailable(f"topic {self._topic} is not available")
+            self._partitions = len(topic.partitions)
+        return self._partitions
+
+    async def send(self, records: Sequence[tuple[int, bytes]], timestamp_ms: int) -> None:
+        """Produce ``(partition, value)`` records and wait until all are acknowledged.
+
+        The record timestamp is the receive time (not the event time), so retention counts from arrival.
+        """
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+
+        def callback(future: asyncio.Future[None]) -> Any:
+            def on_delivery(error: KafkaError | None, message: Message) -> None:
+                if error is None:
+                    partition, offset = message.partition(), message.offset()
+                    if offset > self.acknowledged.get(partition, -1):
+                        self.acknowledged[partition] = offset
+                loop.call_soon_threadsafe(_settle, future, error)
+
+            return on_delivery
+
+        try:
+            for partition, value in records:
+                future: asyncio.Future[None] = loop.create_future()
+                futures.append(future)
+                self._producer.produce(
+                    self._topic, value, partition=partition, timestamp=timestamp_ms, on_delivery=callback(future)
+                )
+        except (BufferError, KafkaException) as exc:
+            for future in futures:
+                future.cancel()
+            raise BrokerUnavailable(f"cannot queue records: {exc}") from exc
+        try:
+            async with asyncio.timeout(self._timeout_s + 1):
+                await asyncio.gather(*futures)
+        except TimeoutError as exc:
+            raise BrokerUnavailable("the broker did not acknowledge in time") from exc
+
+    def ping(self, timeout_s: float = 2.0) -> bool:
+        """Whether the broker answers a metadata request for the events topic."""
+        try:
+            metadata = self._producer.list_topics(self._topic, timeout=timeout_s)
+        except KafkaException:
+            return False
+        topic = metadata.topics.get(self._topic)
+        return topic is not None and topic.error is None
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Flush what is queued, then stop. Returns the number of records still undelivered."""
+        remaining: int = self._producer.flush(timeout_s)
+        self._stop.set()
+        self._thread.join(timeout=2)
+        return remaining
+
+
+def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(BrokerUnavailable(f"delivery failed: {error.str()}"))

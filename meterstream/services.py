@@ -1,0 +1,269 @@
+"""Entry points: each process wires its parts together here, and nowhere else.
+
+Processes (as in docker-compose.yml): ``ingest`` (HTTP → Kafka), ``processor`` (Faust: events → windows;
+run as many as there are partitions), ``sink`` (windows → ClickHouse, and the query API beside it) and
+``query`` (the query API alone, over a ClickHouse server). ``up`` runs all of them in one process on the
+bundled broker and the embedded engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from ingest.producer import EventProducer
+from ingest.routes import ingest_routes
+from ingest.service import IngestService
+from meterstream.broker import reuse_or_start
+from meterstream.http import build_app
+from meterstream.topics import ensure_topics, topic_id
+from processors.app import Processor
+from processors.pricing import Pricer, load_overrides
+from query.render import rfc3339
+from query.routes import PriceQuoter, query_routes
+from schemas.settings import (
+    ClickHouseSettings,
+    IngestSettings,
+    KafkaSettings,
+    LocalSettings,
+    ProcessorSettings,
+    QuerySettings,
+    SinkSettings,
+    TopicSettings,
+)
+from sinks.clickhouse.connection import ClickHouse
+from sinks.clickhouse.reader import MeterReader
+from sinks.clickhouse.schema import migrate
+from sinks.clickhouse.store import WindowStore
+from sinks.consumer import Sink
+
+log = logging.getLogger(__name__)
+
+#: How long a clean local shutdown waits for accepted events to reach storage.
+DRAIN_TIMEOUT_S = 60.0
+
+
+def make_pricer(overrides: Path | None) -> Pricer:
+    return Pricer(load_overrides(overrides) if overrides else None)
+
+
+def make_quoter(pricer: Pricer) -> PriceQuoter:
+    def quote(provider: str, model: str, at: datetime, context: Mapping[str, str]) -> Mapping[str, Any]:
+        q = pricer.quote(provider, model, at, context)
+        return {
+            "provider": q.provider,
+            "model": q.model,
+            "matchedModel": q.matched_model,
+            "at": rfc3339(q.at),
+            "source": q.source,
+            "context": dict(q.context),
+            "prices": dict(q.prices),
+        }
+
+    return quote
+
+
+async def _serve(app: Starlette, host: str, port: int, log_level: str) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on", access_log=False)
+    await uvicorn.Server(config).serve()
+
+
+def _run(app: Starlette, host: str, port: int, log_level: str) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully and exit 0. (uvicorn re-raises the signal
+    once its graceful shutdown is done; that must not turn a clean stop into a crash.)"""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        asyncio.run(_serve(app, host, port, log_level))
+    except KeyboardInterrupt:
+        pass
+
+
+# -- ingest ---------------------------------------------------------------------------------------------
+
+
+def ingest_app(settings: IngestSettings) -> Starlette:
+    producer = EventProducer(
+        settings.kafka.to_librdkafka(), settings.topics.events, settings.produce_timeout_ms, settings.linger_ms
+    )
+    service = IngestService(settings, producer)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        # Requests have drained; what is still queued goes out before the process ends.
+        undelivered = await asyncio.to_thread(producer.close)
+        if undelivered:
+            log.error("ingest: %d records undelivered at shutdown (their requests were answered 503)", undelivered)
+
+    return build_app(ingest_routes(service, settings.max_body_bytes), {"broker": producer.ping}, lifespan)
+
+
+def run_ingest(settings: IngestSettings) -> None:
+    _run(ingest_app(settings), settings.host, settings.port, settings.log_level)
+
+
+# -- processor ------------------------------------------------------------------------------------------
+
+
+def processor_app(settings: ProcessorSettings) -> Starlette:
+    ensure_topics(settings.kafka, settings.topics)
+    processor = Processor(settings, make_pricer(settings.price_overrides), topic_id(settings.kafka, settings.topics.events))
+    started = threading.Event()
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await processor.app.start()
+        started.set()
+        try:
+            yield
+        finally:
+            await processor.app.stop()
+
+    return build_app([], {"faust": started.is_set}, lifespan)
+
+
+def run_processor(settings: ProcessorSettings) -> None:
+    _run(processor_app(settings), "0.0.0.0", settings.metrics_port, settings.log_level)  # noqa: S104
+
+
+# -- sink (+ query API beside the engine) ---------------------------------------------------------------
+
+
+def _sink_parts(settings: SinkSettings) -> tuple[ClickHouse, Sink, MeterReader]:
+    ch = ClickHouse(settings.clickhouse)
+    migrate(ch)
+    return ch, Sink(settings, WindowStore(ch)), MeterReader(ch)
+
+
+def sink_app(settings: SinkSettings) -> Starlette:
+    ch, sink, reader = _sink_parts(settings)
+    thread = threading.Thread(target=sink.run, name="sink", daemon=True)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        thread.start()
+        try:
+            yield
+        finally:
+            sink.stop()
+            await asyncio.to_thread(thread.join)
+            ch.close()
+
+    routes = query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)))
+    return build_app(routes, {"storage": reader.check, "sink": thread.is_alive}, lifespan)
+
+
+def run_sink(settings: SinkSettings) -> None:
+    _run(sink_app(settings), settings.host, settings.port, settings.log_level)
+
+
+# -- query ----------------------------------------------------------------------------------------------
+
+
+def query_app(settings: QuerySettings) -> Starlette:
+    ch = ClickHouse(settings.clickhouse)
+    migrate(ch)
+    reader = MeterReader(ch)
+    routes = query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)))
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        ch.close()
+
+    return build_app(routes, {"storage": reader.check}, lifespan)
+
+
+def run_query(settings: QuerySettings) -> None:
+    _run(query_app(settings), settings.host, settings.port, settings.log_level)
+
+
+# -- everything, locally --------------------------------------------------------------------------------
+
+
+def local_app(local: LocalSettings) -> Starlette:
+    """Ingest, processor, sink and query in one process, on the bundled broker and the embedded engine."""
+    data_dir = local.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    state_file = data_dir / "broker.json"
+    broker, reused = reuse_or_start(state_file, local.broker_port)
+    if reused:
+        log.info("meterstream: the broker from the previous run is still up; resuming its unprocessed events")
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+    topics = TopicSettings(partitions=local.partitions)
+    ingest_settings = IngestSettings().model_copy(update={"kafka": kafka, "topics": topics})
+    processor_settings = ProcessorSettings().model_copy(update={"kafka": kafka, "topics": topics})
+    sink_settings = SinkSettings().model_copy(
+        update={
+            "kafka": kafka,
+            "topics": topics,
+            "clickhouse": ClickHouseSettings(dsn=f"chdb://{data_dir / 'clickhouse'}", database="meterstream"),
+        }
+    )
+    ensure_topics(kafka, topics)
+    events_topic_id = topic_id(kafka, topics.events)
+    ch, sink, reader = _sink_parts(sink_settings)
+    pricer = make_pricer(processor_settings.price_overrides)
+    processor = Processor(processor_settings, pricer, events_topic_id)
+    producer = EventProducer(
+        kafka.to_librdkafka(), topics.events, ingest_settings.produce_timeout_ms, ingest_settings.linger_ms
+    )
+    service = IngestService(ingest_settings, producer)
+    sink_thread = threading.Thread(target=sink.run, name="sink", daemon=True)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        sink_thread.start()
+        await processor.app.start()
+        log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(producer.close)
+            drained = await _drain(producer.acknowledged, sink, events_topic_id)
+            await processor.app.stop()
+            sink.stop()
+            await asyncio.to_thread(sink_thread.join)
+            ch.close()
+            if drained:
+                broker.stop()
+                state_file.unlink(missing_ok=True)
+            else:
+                log.warning(
+                    "meterstream: not every accepted event reached storage within %.0fs; the broker (pid %d) "
+                    "is left running so the next `meterstream up` finishes the work",
+                    DRAIN_TIMEOUT_S,
+                    broker.pid,
+                )
+
+    routes: list[BaseRoute] = [
+        *ingest_routes(service, ingest_settings.max_body_bytes),
+        *query_routes(reader, ingest_settings.usage_event_type, make_quoter(make_pricer(processor_settings.price_overrides))),
+    ]
+    return build_app(routes, {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}, lifespan)
+
+
+async def _drain(acknowledged: Mapping[int, int], sink: Sink, events_topic_id: str) -> bool:
+    """Wait until the sink applied every events-topic offset the broker acknowledged to ingest."""
+    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+    while asyncio.get_running_loop().time() < deadline:
+        if all(sink.applied_offset(events_topic_id, p) >= o for p, o in acknowledged.items()):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def run_local(local: LocalSettings) -> None:
+    _run(local_app(local), local.host, local.port, "info")

@@ -1,0 +1,193 @@
+"""The Faust worker: events topic in, windows topic (and dead letters) out.
+
+Delivery guarantee (at-least-once into the windows topic, made exactly-once by the sink): an input offset
+is acknowledged to Faust, and so committed, only after the broker acknowledged the output for it and for
+every earlier offset of its partition. ``take_events`` acks a batch when the loop asks for the next one,
+or when the stream is closed, even by an exception; so the loop body never lets an exception out: it
+retries the batch until its outputs are acknowledged, and if it is cancelled mid-batch (shutdown while the
+broker is unreachable) it exits the process hard, so nothing of the batch is acknowledged and the restart
+redelivers it. Output records carry their source coordinates, so redelivered duplicates are harmless.
+
+Faust tables are not used: their changelog recovery cannot be trusted on every Kafka-protocol broker
+(see docs/architecture.md), and per-event table writes would cap throughput far below what batching gives.
+The window state lives in ClickHouse, where the sink adds each record's deltas exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import tempfile
+from typing import Any, Final
+
+import faust
+from prometheus_client import Counter, Histogram
+
+from processors.pricing import Pricer
+from processors.windows import WindowPolicy, process_record
+from schemas.records import EventsRecord, decode_events, encode
+from schemas.recent import RecentKeys
+from schemas.settings import ProcessorSettings
+
+log = logging.getLogger(__name__)
+
+RECORDS = Counter("meterstream_processor_records_total", "Events-topic records processed")
+PROCESSED = Counter("meterstream_processor_events_total", "Events processed", ["status"])
+DUPLICATES = Counter("meterstream_processor_duplicates_total", "Events dropped as already counted (recent keys)")
+DEAD_LETTERED = Counter("meterstream_processor_dead_lettered_total", "Events sent to the dead-letter topic")
+UNPRICED = Counter("meterstream_processor_unpriced_total", "Counted events without a price", ["provider", "model"])
+BAD_RECORDS = Counter("meterstream_processor_bad_records_total", "Records that could not be decoded")
+BATCH_SECONDS = Histogram(
+    "meterstream_processor_batch_seconds", "Processing time of one batch, outputs acknowledged"
+)
+RETRIES = Counter("meterstream_processor_batch_retries_total", "Batches retried after a produce failure")
+
+#: Exit status when a batch is interrupted and the process must die without acknowledging it.
+EXIT_UNACKED: Final = 70
+_MAX_UNPRICED_LABELS: Final = 500
+
+
+class Processor:
+    """Builds the Faust app and its agent. Start with ``await processor.app.start()``."""
+
+    def __init__(self, settings: ProcessorSettings, pricer: Pricer, topic_id: str) -> None:
+        self._settings = settings
+        self._pricer = pricer
+        self._topic_id = topic_id
+        self._policy = WindowPolicy(settings.usage_event_type, settings.allowed_lateness_s * 1_000_000)
+        # Keys of events whose output was acknowledged; only ever used to drop duplicates early.
+        self._recent: RecentKeys[tuple[str, str], None] = RecentKeys(settings.recent_keys)
+        self.assigned: set[int] = set()
+        self._unpriced_labels: set[tuple[str, str]] = set()
+        self.app = self._build_app()
+
+    def _build_app(self) -> faust.App:
+        settings = self._settings
+        kafka = settings.kafka
+        app = faust.App(
+            settings.group_id,
+            broker=[f"kafka://{server.strip()}" for server in kafka.bootstrap_servers.split(",")],
+            broker_credentials=_credentials(settings),
+            broker_session_timeout=settings.session_timeout_s,
+            broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 4),
+            broker_commit_interval=1.0,
+            topic_partitions=settings.topics.partitions,
+            topic_allow_declare=False,
+            store="memory://",
+            web_enabled=False,
+            consumer_auto_offset_reset="earliest",
+            consumer_max_fetch_size=16 * 1024 * 1024,
+            producer_acks=-1,
+            producer_max_request_size=8 * 1024 * 1024,
+            producer_linger_ms=5,
+            datadir=tempfile.mkdtemp(prefix="meterstream-faust-"),
+        )
+        events = app.topic(settings.topics.events, value_type=bytes, value_serializer="raw")
+        windows_topic = settings.topics.windows
+        dead_letter_topic = settings.topics.dead_letter
+
+        async def process(stream: Any) -> None:
+            async for batch in stream.take_events(settings.batch_records, within=settings.batch_within_ms / 1000):
+                try:
+                    await self._process_batch(app, batch, windows_topic, dead_letter_topic)
+                except asyncio.CancelledError:
+                    # Leaving now would let take_events acknowledge a batch whose outputs may be missing.
+                    log.critical("processor: stopped in the middle of a batch; exiting without acknowledging it")
+                    os._exit(EXIT_UNACKED)
+
+        app.agent(events, name="meterstream-windows")(process)
+
+        @app.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
+        async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
+            self.assigned = {tp.partition for tp in assigned if tp.topic == settings.topics.events}
+            log.info("processor: assigned events partitions %s", sorted(self.assigned))
+
+        return app
+
+    async def _process_batch(self, app: faust.App, batch: list[Any], windows: str, dead_letter: str) -> None:
+        delay = 0.1
+        while True:
+            try:
+                with BATCH_SECONDS.time():
+                    await self._try_batch(app, batch, windows, dead_letter)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                RETRIES.inc()
+                log.exception("processor: batch failed, retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _try_batch(self, app: faust.App, batch: list[Any], windows: str, dead_letter: str) -> None:
+        futures = []
+        stored_keys: list[tuple[str, str]] = []
+        counts = {"records": 0, "duplicates": 0, "dead": 0}
+        for event in batch:
+            message = event.message
+            try:
+                record: EventsRecord = decode_events(event.value)
+            except ValueError:
+                # Not ours (another producer on the topic) or corrupt: skip it, loudly. It still gets an
+                # empty output so the sink's offset chain for this partition stays unbroken.
+                BAD_RECORDS.inc()
+                log.error("processor: undecodable record at %s:%s", message.partition, message.offset)
+                record = {"v": 1, "events": []}
+            output = process_record(
+                record,
+                topic_id=self._topic_id,
+                partition=message.partition,
+                offset=message.offset,
+                policy=self._policy,
+                pricer=self._pricer,
+                known=self._recent,
+            )
+            for letter in output.dead_letters:
+                futures.append(
+                    await app.producer.send(dead_letter, None, encode(letter), None, None, None)
+                )
+            futures.append(
+                await app.producer.send(windows, None, encode(output.windows), message.partition, None, None)
+            )
+            stored_keys.extend(output.keys)
+            counts["records"] += 1
+            counts["duplicates"] += output.duplicates
+            counts["dead"] += len(output.dead_letters)
+            for row in output.windows["events"]:
+                PROCESSED.labels(row["status"]).inc()
+                if row["status"] == "counted" and row["cost_usd"] is None:
+                    UNPRICED.labels(*self._unpriced_label(row["provider"], row["model"])).inc()
+        await asyncio.gather(*futures)
+        # Only now are these events somewhere durable downstream.
+        for key in stored_keys:
+            self._recent.add(key, None)
+        RECORDS.inc(counts["records"])
+        DUPLICATES.inc(counts["duplicates"])
+        DEAD_LETTERED.inc(counts["dead"])
+
+
+    def _unpriced_label(self, provider: str, model: str) -> tuple[str, str]:
+        # Model names come from clients: cap the label set so a stream of made-up names cannot blow up
+        # the metrics registry (queries show every model exactly; the metric keeps the first ones).
+        label = (provider[:64], model[:128])
+        if label not in self._unpriced_labels:
+            if len(self._unpriced_labels) >= _MAX_UNPRICED_LABELS:
+                return ("other", "other")
+            self._unpriced_labels.add(label)
+        return label
+
+
+def _credentials(settings: ProcessorSettings) -> Any:
+    kafka = settings.kafka
+    if kafka.security_protocol.startswith("SASL") and kafka.sasl_username and kafka.sasl_password:
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password.get_secret_value(),
+            mechanism=kafka.sasl_mechanism or "PLAIN",
+            ssl_context=ssl.create_default_context() if kafka.security_protocol == "SASL_SSL" else None,
+        )
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(ssl.create_default_context())
+    return None

@@ -1,0 +1,210 @@
+"""HTTP routes of the read path, OpenMeter v1 compatible: meters, meter queries, the event list; plus
+Meterstream's own: the price in effect for a model, and reconciliation of stored totals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from query.params import bad, build_query, from_query_string, parse_time
+from query.render import rfc3339, to_csv, to_json, wants_csv
+from schemas.meters import METERS, find_meter
+from schemas.money import format_usd
+from schemas.problems import PROBLEM_JSON, Problem
+from schemas.query import Difference, EventFilter, MeterQuery, QueryRow
+
+log = logging.getLogger(__name__)
+
+#: The event list looks back this far when no ``from`` is given (as OpenMeter).
+DEFAULT_EVENTS_LOOKBACK = timedelta(days=32)
+
+
+class Reader(Protocol):
+    def query_meter(self, query: MeterQuery) -> list[QueryRow]: ...
+
+    def list_events(self, f: EventFilter) -> list[dict[str, Any]]: ...
+
+    def reconcile(self, start: datetime, end: datetime) -> list[Difference]: ...
+
+
+#: (provider, model, at, price context) -> quote as a JSON-able dict; raises LookupError when unknown.
+PriceQuoter = Callable[[str, str, datetime, Mapping[str, str]], Mapping[str, Any]]
+
+
+def problem_response(problem: Problem) -> Response:
+    return Response(
+        orjson.dumps(problem.to_dict()), status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers
+    )
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | None = None) -> list[Route]:
+    """Routes answering from ``reader``. Storage calls run in worker threads (the engine releases the GIL)."""
+
+    async def list_meters(request: Request) -> Response:
+        return _json([meter.to_api(usage_event_type) for meter in METERS])
+
+    async def get_meter(request: Request) -> Response:
+        meter = find_meter(request.path_params["meter"])
+        if meter is None:
+            return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
+        return _json(meter.to_api(usage_event_type))
+
+    async def query_meter(request: Request) -> Response:
+        meter = find_meter(request.path_params["meter"])
+        if meter is None:
+            return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
+        try:
+            if request.method == "POST":
+                raw = await _json_body(request)
+            else:
+                raw = from_query_string(request.query_params.multi_items())
+            query = build_query(meter, raw)
+        except Problem as problem:
+            return problem_response(problem)
+        rows = await asyncio.to_thread(reader.query_meter, query)
+        if wants_csv(request.headers.get("accept")):
+            return Response(
+                to_csv(query, rows),
+                media_type="text/csv",
+                headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"},
+            )
+        return Response(to_json(query, rows), media_type="application/json")
+
+    async def list_events(request: Request) -> Response:
+        params = request.query_params
+        try:
+            now = datetime.now(UTC)
+            start = parse_time("from", params["from"]) if "from" in params else now - DEFAULT_EVENTS_LOOKBACK
+            end = parse_time("to", params["to"]) if "to" in params else None
+            if end is not None and end <= start:
+                raise bad("to", "to must be after from")
+            limit_text = params.get("limit", "100")
+            if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+                raise bad("limit", "must be an integer from 1 to 100")
+            event_list = EventFilter(
+                start=start, end=end, subject=params.get("subject"), id_contains=params.get("id"), limit=int(limit_text)
+            )
+        except Problem as problem:
+            return problem_response(problem)
+        rows = await asyncio.to_thread(reader.list_events, event_list)
+        return _json([_ingested_event(row) for row in rows])
+
+    async def get_price(request: Request) -> Response:
+        params = request.query_params
+        if quote is None:
+            return problem_response(Problem(404, "price lookup is not enabled on this service"))
+        try:
+            provider, model = params.get("provider"), params.get("model")
+            if not provider or not model:
+                raise bad("model", "provider and model are required")
+            at = parse_time("at", params["at"]) if "at" in params else datetime.now(UTC)
+            context = {k: v for k, v in params.items() if k in ("service_tier", "processing", "speed")}
+        except Problem as problem:
+            return problem_response(problem)
+        try:
+            return _json(quote(provider, model, at, context))
+        except LookupError as exc:
+            return problem_response(Problem(404, str(exc).strip("'\"")))
+
+    async def reconcile(request: Request) -> Response:
+        params = request.query_params
+        try:
+            if "from" not in params or "to" not in params:
+                raise bad("from", "from and to are required")
+            start, end = parse_time("from", params["from"]), parse_time("to", params["to"])
+            if end <= start:
+                raise bad("to", "to must be after from")
+            if end - start > timedelta(days=400):
+                raise bad("to", "at most 400 days at a time")
+        except Problem as problem:
+            return problem_response(problem)
+        differences = await asyncio.to_thread(reader.reconcile, start, end)
+        return _json(
+            {
+                "from": rfc3339(start),
+                "to": rfc3339(end),
+                "differences": [
+                    {
+                        "subject": d.subject,
+                        "provider": d.provider,
+                        "model": d.model,
+                        "windowStart": rfc3339(d.window_start),
+                        "values": {
+                            k: {"recomputed": format_usd(a), "stored": format_usd(b)}
+                            for k, (a, b) in d.values.items()
+                            if a != b
+                        },
+                    }
+                    for d in differences
+                ],
+            }
+        )
+
+    return [
+        Route("/api/v1/meters", list_meters, methods=["GET"]),
+        Route("/api/v1/meters/{meter}", get_meter, methods=["GET"]),
+        Route("/api/v1/meters/{meter}/query", query_meter, methods=["GET", "POST"]),
+        Route("/api/v1/events", list_events, methods=["GET"]),
+        Route("/api/v1/prices", get_price, methods=["GET"]),
+        Route("/api/v1/admin/reconcile", reconcile, methods=["GET"]),
+    ]
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > 1024 * 1024:
+        raise Problem(413, "the query body is larger than 1 MiB")
+    try:
+        raw = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise Problem(400, "the body must be a JSON object (MeterQueryRequest)")
+    return raw
+
+
+def _ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
+    data = orjson.loads(row["data"])
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": row["id"],
+        "source": row["source"],
+        "type": row["type"],
+        "subject": row["subject"],
+        "time": rfc3339(_aware(row["time"])),
+    }
+    if data is not None:
+        event["datacontenttype"] = "application/json"
+        event["data"] = data
+    body: dict[str, Any] = {
+        "event": event,
+        "ingestedAt": rfc3339(_aware(row["received_at"])),
+        "storedAt": rfc3339(_aware(row["stored_at"])),
+        "meterstream": {
+            "status": row["status"],
+            "provider": row["provider"],
+            "model": row["model"],
+            "usage": orjson.loads(row["usage"]),
+            "costUsd": format_usd(row["cost_usd"]) if row["cost_usd"] is not None else None,
+            "priceSource": row["price_source"],
+        },
+    }
+    if row["status"] == "late":
+        body["validationError"] = "not counted: later than the allowed lateness (dead-lettered)"
+    return body
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

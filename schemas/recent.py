@@ -1,0 +1,45 @@
+"""A bounded memory of recently seen keys, oldest forgotten first."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class RecentKeys(Generic[K, V]):
+    """At most ``capacity`` keys with a value each; adding beyond that forgets the oldest.
+
+    Used only in front of an authoritative check, never as one: forgetting a key costs a lookup, not a
+    double count.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, key: K, value: V) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        if len(self._items) > self.capacity:
+            # dicts keep insertion order: the first key is the oldest.
+            del self._items[next(iter(self._items))]
+
+    def add_all(self, items: Iterable[tuple[K, V]]) -> None:
+        for key, value in items:
+            self.add(key, value)
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -1,0 +1,144 @@
+"""What travels on Kafka between the services: the wire formats and their encoders.
+
+The hot path handles ~10^5 events/s, so records are plain JSON (orjson) decoded into dicts typed by
+TypedDicts, not pydantic models: the event was validated once, at ingest.
+
+Topics (see :mod:`schemas.topics`):
+
+* ``events``: written by ingest. One record holds the accepted events of one request that hash to one
+  partition (partitioned by subject), so the processor's per-record cost is paid per batch, not per event.
+  The record timestamp is the receive time, never the event time: a backfilled event must not be deleted
+  by retention before it is processed.
+* ``windows``: written by the processor. Exactly one record per ``events`` record, on the same partition
+  number, carrying the source coordinates (topic id, partition, offset), the window deltas of that record
+  and its audit rows. The sink applies a partition's records in offset order, each exactly once.
+* ``dead-letter``: events the processor would not count (later than the allowed lateness), with the reason.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any, Final, Literal, NotRequired, TypedDict
+
+import orjson
+
+RECORD_VERSION: Final = 1
+
+
+class AcceptedEvent(TypedDict):
+    """One validated event, as ingest hands it to the processor."""
+
+    id: str
+    source: str
+    subject: str
+    type: str
+    #: Event time, microseconds since the epoch, UTC (the receive time when the client sent none).
+    time_us: int
+    received_us: int
+    data: dict[str, Any] | None
+    # For events of the usage type only:
+    provider: NotRequired[str]
+    model: NotRequired[str]
+    #: Canonical counts keyed by genai-prices usage key (see schemas.usage).
+    usage: NotRequired[dict[str, int]]
+    #: genai-prices price context (service_tier, processing=batch, speed), when the event asked for one.
+    price_context: NotRequired[dict[str, str]]
+
+
+class EventsRecord(TypedDict):
+    v: int
+    events: list[AcceptedEvent]
+
+
+#: Why an accepted event is or is not in the built-in meters.
+EventStatus = Literal["counted", "late", "not_metered"]
+
+
+class AuditRow(TypedDict):
+    """One accepted event with its price, for the raw audit log."""
+
+    #: Position in its events record: (topic id, partition, offset, index) identifies one *occurrence*.
+    index: int
+    id: str
+    source: str
+    subject: str
+    type: str
+    time_us: int
+    received_us: int
+    data: str
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    usage: dict[str, int]
+    #: Decimal strings, or None when the event could not be priced.
+    cost_usd: str | None
+    cost_input_usd: str | None
+    cost_output_usd: str | None
+    #: Where the price came from ("genai-prices 0.2.3 data:…" or "override …"), or why there is none.
+    price_source: str
+    status: EventStatus
+
+
+class WindowDelta(TypedDict):
+    """What one events record adds to one 1-minute window of one subject × provider × model."""
+
+    subject: str
+    provider: str
+    model: str
+    #: Window start, seconds since the epoch, UTC, a multiple of 60.
+    window_start: int
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    cost_usd: str
+    unpriced_requests: int
+
+
+class WindowsRecord(TypedDict):
+    v: int
+    #: Identity of the events topic (Kafka topic id): offsets restart when a topic is recreated.
+    topic_id: str
+    partition: int
+    offset: int
+    windows: list[WindowDelta]
+    events: list[AuditRow]
+
+
+class DeadLetterRecord(TypedDict):
+    reason: str
+    topic_id: str
+    partition: int
+    offset: int
+    event: AcceptedEvent
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def encode(record: EventsRecord | WindowsRecord | DeadLetterRecord) -> bytes:
+    return orjson.dumps(record, default=_default)
+
+
+def decode_events(value: bytes) -> EventsRecord:
+    record: EventsRecord = orjson.loads(value)
+    if record.get("v") != RECORD_VERSION:
+        raise ValueError(f"unsupported events record version {record.get('v')!r}")
+    return record
+
+
+def decode_windows(value: bytes) -> WindowsRecord:
+    record: WindowsRecord = orjson.loads(value)
+    if record.get("v") != RECORD_VERSION:
+        raise ValueError(f"unsupported windows record version {record.get('v')!r}")
+    return record

@@ -1,0 +1,152 @@
+"""Configuration: one pydantic-settings class per process, read from environment variables.
+
+Every service has its own prefix (``METERSTREAM_INGEST_``, ``METERSTREAM_PROCESSOR_``, ``METERSTREAM_SINK_``,
+``METERSTREAM_QUERY_``, ``METERSTREAM_LOCAL_``); nested blocks use ``__``, e.g.
+``METERSTREAM_INGEST_KAFKA__BOOTSTRAP_SERVERS=kafka:9092``. Defaults suit a local single-machine run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.events import DEFAULT_USAGE_EVENT_TYPE
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka-protocol broker; dumps to librdkafka configuration keys."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    #: Further librdkafka settings, passed through verbatim (``{"socket.keepalive.enable": "true"}``).
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    def to_librdkafka(self) -> dict[str, str]:
+        conf = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        return conf | self.extra
+
+
+class TopicSettings(BaseModel):
+    events: str = "meterstream.events"
+    windows: str = "meterstream.windows"
+    dead_letter: str = "meterstream.dead-letter"
+    #: Partitions of the events and windows topics (the unit of processor parallelism).
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+
+
+class ClickHouseSettings(BaseModel):
+    #: ``http(s)://host:8123`` for a ClickHouse server, ``chdb:///absolute/path`` for the embedded engine.
+    dsn: str = "chdb:///var/lib/meterstream/clickhouse"
+    database: str = Field(default="meterstream", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    username: str | None = None
+    password: SecretStr | None = None
+    #: Create tables as Replicated*MergeTree on this cluster (see deploy/SCALING.md); empty for one node.
+    cluster: str = ""
+
+
+class _Service(BaseSettings):
+    usage_event_type: str = DEFAULT_USAGE_EVENT_TYPE
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class IngestSettings(_Service):
+    """The HTTP write path: CloudEvents in, Kafka out."""
+
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_INGEST_", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8888, ge=0, le=65535)
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_batch_events: int = Field(default=1000, ge=1)
+    #: Event times further ahead of the server clock than this are rejected.
+    max_future_s: int = Field(default=3600, ge=0)
+    #: How long a request waits for the broker's acknowledgement before answering 503.
+    produce_timeout_ms: int = Field(default=5000, ge=100)
+    #: Recently acknowledged (source, id) keys remembered to drop retries before they reach Kafka.
+    recent_keys: int = Field(default=200_000, ge=0)
+    linger_ms: int = Field(default=2, ge=0)
+
+
+class ProcessorSettings(_Service):
+    """The Faust worker: prices events and aggregates them into 1-minute windows."""
+
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_PROCESSOR_", env_nested_delimiter="__")
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    group_id: str = "meterstream-processor"
+    #: Events later than this (receive time minus event time) are dead-lettered, not counted.
+    allowed_lateness_s: int = Field(default=7 * 24 * 3600, ge=0)
+    #: YAML file of negotiated / custom prices, taking precedence over genai-prices.
+    price_overrides: Path | None = None
+    #: Records taken per batch from the events topic.
+    batch_records: int = Field(default=500, ge=1)
+    batch_within_ms: int = Field(default=20, ge=1)
+    #: Recently counted (source, id) keys remembered per worker to drop duplicates early.
+    recent_keys: int = Field(default=200_000, ge=0)
+    #: Consumer-group session timeout. Short, because the local broker (Tansu) makes a join wait half of it.
+    session_timeout_s: float = Field(default=6.0, gt=0)
+    #: Port of the metrics / health HTTP endpoint (0: none).
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+
+
+class SinkSettings(_Service):
+    """The ClickHouse writer (and, next to an embedded engine, the query API)."""
+
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_SINK_", env_nested_delimiter="__")
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    group_id: str = "meterstream-sink"
+    #: A batch is written when it holds this many events, or when the oldest record waited max_wait_ms.
+    batch_events: int = Field(default=50_000, ge=1)
+    max_wait_ms: int = Field(default=1000, ge=1)
+    retry_initial_ms: int = Field(default=200, ge=1)
+    retry_max_ms: int = Field(default=10_000, ge=1)
+    #: Recently stored (source, id) keys kept in memory in front of the audit-log lookup.
+    recent_keys: int = Field(default=1_000_000, ge=0)
+    session_timeout_s: float = Field(default=6.0, gt=0)
+    host: str = "127.0.0.1"
+    #: HTTP port for health, metrics and the query API (0: none).
+    port: int = Field(default=8889, ge=0, le=65535)
+    price_overrides: Path | None = None
+
+
+class QuerySettings(_Service):
+    """A stand-alone query API over a ClickHouse server."""
+
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_QUERY_", env_nested_delimiter="__")
+
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    host: str = "127.0.0.1"
+    port: int = Field(default=8890, ge=0, le=65535)
+    price_overrides: Path | None = None
+
+
+class LocalSettings(BaseSettings):
+    """``meterstream up``: everything in one process on an embedded broker and engine."""
+
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_LOCAL_", env_nested_delimiter="__")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8888, ge=0, le=65535)
+    data_dir: Path = Path(".meterstream")
+    #: Port of the bundled broker (0: pick a free one).
+    broker_port: int = Field(default=0, ge=0, le=65535)
+    partitions: int = Field(default=4, ge=1, le=64)

@@ -1,0 +1,243 @@
+"""Reads for the query API: meter queries, the event list, reconciliation. All values are bound
+parameters; the SQL text is built only from fixed fragments and validated names.
+
+Window totals are stored per UTC minute, yet answers are exact for any ``from``/``to`` (to the
+microsecond): the whole minutes inside the range come from ``usage_windows``, the partial minutes at its
+edges from the audit log, and both are bucketed and summed together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+from schemas.meters import GROUP_BY_KEYS
+from schemas.query import Difference, EventFilter, MeterQuery, QueryRow, WindowSize
+from sinks.clickhouse.connection import ClickHouse
+
+Sql = tuple[str, dict[str, Any]]
+
+MINUTE: Final = timedelta(minutes=1)
+
+#: What one audit-log row contributes to each meter's column.
+_EVENT_VALUE: Final[Mapping[str, str]] = {
+    "requests": "toUInt64(1)",
+    "input_tokens": "input_tokens",
+    "output_tokens": "output_tokens",
+    "cache_read_tokens": "cache_read_tokens",
+    "cache_write_tokens": "cache_write_tokens",
+    "reasoning_tokens": "reasoning_tokens",
+    "total_tokens": "input_tokens + output_tokens",
+    "cost_usd": "ifNull(cost_usd, toDecimal128(0, 18))",
+    "unpriced_requests": "toUInt64(cost_usd IS NULL)",
+}
+
+#: Window start and end per window size; ``ts`` is a minute start (DateTime('UTC')), {tz} the zone.
+#: DAY and MONTH ends are computed from the local calendar date, which stays right across DST and in
+#: zones where a day starts at 01:00 (a fixed +1 day interval would not).
+_BUCKETS: Final[Mapping[WindowSize, tuple[str, str]]] = {
+    WindowSize.MINUTE: ("ts", "window_start + 60"),
+    WindowSize.HOUR: ("toStartOfHour(ts, {tz:String})", "window_start + 3600"),
+    WindowSize.DAY: ("toStartOfDay(ts, {tz:String})", "toDateTime(toDate(window_start, {tz:String}) + 1, {tz:String})"),
+    WindowSize.MONTH: (
+        "toDateTime(toStartOfMonth(ts, {tz:String}), {tz:String})",
+        "toDateTime(addMonths(toStartOfMonth(window_start, {tz:String}), 1), {tz:String})",
+    ),
+}
+
+
+def _floor_minute(t: datetime) -> datetime:
+    return t.replace(second=0, microsecond=0)
+
+
+def _ceil_minute(t: datetime) -> datetime:
+    floor = _floor_minute(t)
+    return floor if floor == t else floor + MINUTE
+
+
+def _filters(query: MeterQuery, params: dict[str, Any]) -> list[str]:
+    clauses = []
+    for dimension, values in query.include.items():
+        if dimension not in GROUP_BY_KEYS:
+            raise ValueError(f"unknown dimension {dimension}")
+        params[f"in_{dimension}"] = list(values)
+        clauses.append(f"{dimension} IN {{in_{dimension}:Array(String)}}")
+    for dimension, values in query.exclude.items():
+        if dimension not in GROUP_BY_KEYS:
+            raise ValueError(f"unknown dimension {dimension}")
+        params[f"out_{dimension}"] = list(values)
+        clauses.append(f"{dimension} NOT IN {{out_{dimension}:Array(String)}}")
+    return clauses
+
+
+def meter_query_sql(query: MeterQuery) -> Sql:
+    """SQL and parameters answering a meter query."""
+    params: dict[str, Any] = {"tz": query.time_zone}
+    column = query.meter.column
+    filters = _filters(query, params)
+    start, end = query.start, query.end
+    whole_from = _ceil_minute(start) if start else None
+    whole_to = _floor_minute(end) if end else None
+    parts: list[str] = []
+    edges: list[tuple[datetime | None, datetime | None]] = []
+    if whole_from is not None and whole_to is not None and whole_from >= whole_to:
+        edges.append((start, end))  # inside a minute or two partial ones: all from the audit log
+    else:
+        where = ["subject != ''", *filters]
+        if whole_from is not None:
+            params["whole_from"] = whole_from
+            where.append("window_start >= {whole_from:DateTime('UTC')}")
+        if whole_to is not None:
+            params["whole_to"] = whole_to
+            where.append("window_start < {whole_to:DateTime('UTC')}")
+        parts.append(
+            f"SELECT window_start AS ts, subject, provider, model, {column} AS v "
+            f"FROM usage_windows WHERE {' AND '.join(where)}"
+        )
+        if start is not None and whole_from is not None and start < whole_from:
+            edges.append((start, whole_from))
+        if end is not None and whole_to is not None and whole_to < end:
+            edges.append((whole_to, end))
+    for i, (edge_from, edge_to) in enumerate(edges):
+        where = ["status = 'counted'", *filters]
+        if edge_from is not None:
+            params[f"edge{i}_from"] = edge_from
+            where.append(f"time >= {{edge{i}_from:DateTime64(6, 'UTC')}}")
+        if edge_to is not None:
+            params[f"edge{i}_to"] = edge_to
+            where.append(f"time < {{edge{i}_to:DateTime64(6, 'UTC')}}")
+        parts.append(
+            "SELECT toDateTime(toStartOfMinute(time), 'UTC') AS ts, subject, provider, model, "
+            f"{_EVENT_VALUE[column]} AS v FROM usage_events FINAL WHERE {' AND '.join(where)}"
+        )
+    union = " UNION ALL ".join(parts)
+    dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
+    dim_list = "".join(f", {d}" for d in dims)
+    if query.window_size is None:
+        # GROUP BY tuple(): no matching events gives no row (not one row of zero).
+        sql = (
+            f"SELECT min(ts) AS window_start, max(ts) + 60 AS window_end{dim_list}, sum(v) AS value "
+            f"FROM ({union}) GROUP BY {', '.join(dims) or 'tuple()'} ORDER BY {', '.join(dims) or 'window_start'}"
+        )
+    else:
+        bucket, bucket_end = _BUCKETS[query.window_size]
+        sql = (
+            f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
+            f"SELECT {bucket} AS window_start{dim_list}, sum(v) AS value FROM ({union}) "
+            f"GROUP BY window_start{dim_list}) ORDER BY window_start{dim_list}"
+        )
+    return sql, params
+
+
+def list_events_sql(f: EventFilter) -> Sql:
+    params: dict[str, Any] = {"start": f.start, "limit": f.limit}
+    where = ["time >= {start:DateTime64(6, 'UTC')}"]
+    if f.end is not None:
+        params["end"] = f.end
+        where.append("time < {end:DateTime64(6, 'UTC')}")
+    if f.subject is not None:
+        params["subject"] = f.subject
+        where.append("subject = {subject:String}")
+    if f.id_contains:
+        params["id"] = f.id_contains
+        where.append("position(id, {id:String}) > 0")
+    sql = (
+        "SELECT id, source, subject, type, time, data, received_at, stored_at, status, provider, model, "
+        "cost_usd, price_source, usage FROM usage_events FINAL "
+        f"WHERE {' AND '.join(where)} ORDER BY time DESC, source, id LIMIT {{limit:UInt32}}"
+    )
+    return sql, params
+
+
+_RECONCILE_COUNTS: Final = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "unpriced_requests",
+    "cost_usd",
+)
+
+
+def reconcile_sql(start: datetime, end: datetime) -> Sql:
+    """Window totals recomputed from the audit log, full-outer-joined to the stored ones; rows that differ.
+    (Aliases are prefixed: ClickHouse would otherwise resolve ``input_tokens`` inside a later sum to the
+    alias of an earlier one.)"""
+    recomputed = ", ".join(f"sum({_EVENT_VALUE[c]}) AS r_{c}" for c in _RECONCILE_COUNTS)
+    stored = ", ".join(f"sum({c}) AS s_{c}" for c in _RECONCILE_COUNTS)
+    differs = " OR ".join(f"r_{c} != s_{c}" for c in _RECONCILE_COUNTS)
+    pairs = ", ".join(f"r_{c}, s_{c}" for c in _RECONCILE_COUNTS)
+    sql = (
+        f"SELECT subject, provider, model, window_start, {pairs} FROM ("
+        f"SELECT subject, provider, model, toDateTime(toStartOfMinute(time), 'UTC') AS window_start, {recomputed} "
+        "FROM usage_events FINAL WHERE status = 'counted' AND time >= {start:DateTime64(6, 'UTC')} "
+        "AND time < {end:DateTime64(6, 'UTC')} GROUP BY subject, provider, model, window_start) AS a "
+        f"FULL OUTER JOIN (SELECT subject, provider, model, window_start, {stored} FROM usage_windows "
+        "WHERE subject != '' AND window_start >= {start_s:DateTime('UTC')} AND window_start < {end_s:DateTime('UTC')} "
+        "GROUP BY subject, provider, model, window_start) AS b USING (subject, provider, model, window_start) "
+        f"WHERE {differs} ORDER BY window_start, subject, provider, model"
+    )
+    return sql, {"start": start, "end": end, "start_s": start, "end_s": end}
+
+
+class MeterReader:
+    """Answers the query API from ClickHouse."""
+
+    def __init__(self, ch: ClickHouse) -> None:
+        self._ch = ch
+
+    def query_meter(self, query: MeterQuery) -> list[QueryRow]:
+        sql, params = meter_query_sql(query)
+        result = self._ch.client().query(sql, parameters=params)
+        dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
+        rows = []
+        for row in result.result_rows:
+            window_start, window_end, *groups, value = row
+            if query.window_size is None:
+                window_start = query.start or _utc(window_start)
+                window_end = query.end or _utc(window_end)
+            rows.append(
+                QueryRow(
+                    window_start=_utc(window_start),
+                    window_end=_utc(window_end),
+                    group=dict(zip(dims, groups, strict=True)),
+                    value=Decimal(value),
+                )
+            )
+        return rows
+
+    def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
+        sql, params = list_events_sql(f)
+        result = self._ch.client().query(sql, parameters=params)
+        return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+
+    def reconcile(self, start: datetime, end: datetime) -> list[Difference]:
+        """Differences between the stored window totals and totals recomputed from the audit log over
+        ``[start, end)``, widened to whole minutes."""
+        start = _floor_minute(start)
+        end = _ceil_minute(end)
+        sql, params = reconcile_sql(start, end)
+        result = self._ch.client().query(sql, parameters=params)
+        differences = []
+        for row in result.result_rows:
+            subject, provider, model, window_start, *pairs = row
+            values = {
+                column: (Decimal(pairs[2 * i]), Decimal(pairs[2 * i + 1]))
+                for i, column in enumerate(_RECONCILE_COUNTS)
+            }
+            differences.append(Difference(subject, provider, model, _utc(window_start), values))
+        return differences
+
+    def check(self) -> None:
+        self._ch.client().query("SELECT max(applied_offset), count() FROM usage_windows WHERE subject = ''")
+
+
+def _utc(value: datetime) -> datetime:
+    """clickhouse-connect returns naive UTC datetimes by default."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+

@@ -1,0 +1,136 @@
+"""The ClickHouse schema, as versioned migrations applied idempotently at start.
+
+``usage_windows`` holds 1-minute window totals per subject × provider × model, as summable deltas
+(AggregatingMergeTree with ``SimpleAggregateFunction(sum)``: a query sums rows, merges only make that
+cheaper, FINAL is never needed). Beside them, in the same table, it holds one *offset marker* per source
+partition: a row with an empty subject whose ``applied_offset`` is the last events-topic offset whose
+deltas are in the table. Deltas and markers of a sink batch go in one INSERT, which ClickHouse writes as
+one part (unpartitioned table, well under a million rows), so they become visible together or not at all:
+that is what makes every source offset count exactly once.
+
+``usage_events`` is the raw audit log: every accepted event once, with its price and where it came from.
+ReplacingMergeTree on (source, id) collapses the identical rows a replay writes again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+from sinks.clickhouse.connection import ClickHouse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        "window totals and the raw audit log",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.usage_windows {on_cluster} (
+                subject String,
+                window_start DateTime('UTC'),
+                provider LowCardinality(String),
+                model LowCardinality(String),
+                -- Set on offset markers only (subject = ''): the events topic and partition they track.
+                src_topic LowCardinality(String),
+                src_partition Int32,
+                requests SimpleAggregateFunction(sum, UInt64),
+                input_tokens SimpleAggregateFunction(sum, UInt64),
+                output_tokens SimpleAggregateFunction(sum, UInt64),
+                cache_read_tokens SimpleAggregateFunction(sum, UInt64),
+                cache_write_tokens SimpleAggregateFunction(sum, UInt64),
+                reasoning_tokens SimpleAggregateFunction(sum, UInt64),
+                total_tokens SimpleAggregateFunction(sum, UInt64),
+                cost_usd SimpleAggregateFunction(sum, Decimal(38, 18)),
+                unpriced_requests SimpleAggregateFunction(sum, UInt64),
+                applied_offset SimpleAggregateFunction(max, Int64)
+            )
+            ENGINE = {engine}AggregatingMergeTree
+            ORDER BY (subject, window_start, provider, model, src_topic, src_partition)
+            -- A retried INSERT carrying the same deduplication token is dropped.
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            """
+            CREATE TABLE IF NOT EXISTS {db}.usage_events {on_cluster} (
+                source String,
+                id String,
+                subject String,
+                type LowCardinality(String),
+                time DateTime64(6, 'UTC'),
+                received_at DateTime64(6, 'UTC'),
+                stored_at DateTime64(6, 'UTC'),
+                data String,
+                provider LowCardinality(String),
+                model LowCardinality(String),
+                input_tokens UInt64,
+                output_tokens UInt64,
+                cache_read_tokens UInt64,
+                cache_write_tokens UInt64,
+                reasoning_tokens UInt64,
+                usage String,
+                cost_usd Nullable(Decimal(38, 18)),
+                cost_input_usd Nullable(Decimal(38, 18)),
+                cost_output_usd Nullable(Decimal(38, 18)),
+                price_source LowCardinality(String),
+                status LowCardinality(String),
+                src_topic LowCardinality(String),
+                src_partition Int32,
+                src_offset Int64,
+                src_index Int32,
+                INDEX time_minmax time TYPE minmax GRANULARITY 1
+            )
+            ENGINE = {engine}ReplacingMergeTree
+            ORDER BY (source, id)
+            """,
+        ),
+    ),
+)
+
+_MIGRATIONS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS {db}.meterstream_migrations {on_cluster} (
+    version UInt32,
+    description String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = {engine}MergeTree ORDER BY version
+"""
+
+
+def _render(statement: str, ch: ClickHouse) -> str:
+    cluster = ch.settings.cluster
+    return statement.format(
+        db=f"`{ch.database}`",
+        on_cluster=f"ON CLUSTER `{cluster}`" if cluster else "",
+        engine="Replicated" if cluster else "",
+    )
+
+
+def migrate(ch: ClickHouse) -> list[int]:
+    """Apply the migrations not applied yet, in order; returns the versions applied now. Safe to run
+    from several processes at once: every statement is idempotent."""
+    client = ch.client()
+    client.command(_render(_MIGRATIONS_TABLE, ch))
+    done = {row[0] for row in client.query(f"SELECT version FROM `{ch.database}`.meterstream_migrations").result_rows}
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        for statement in migration.statements:
+            client.command(_render(statement, ch))
+        client.insert(
+            "meterstream_migrations",
+            [[migration.version, migration.description]],
+            column_names=["version", "description"],
+        )
+        log.info("clickhouse: applied migration %d (%s)", migration.version, migration.description)
+        applied.append(migration.version)
+    return applied

@@ -1,0 +1,191 @@
+"""Writes of the sink: the audit log, then window deltas with their offset markers, atomically."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+
+from schemas.events import from_micros
+from schemas.money import from_atto
+from sinks.apply import Coords, EventKey, Plan, Source
+from sinks.clickhouse.connection import ClickHouse
+
+_EPOCH: Final = from_micros(0)
+
+_EVENT_COLUMNS: Final = (
+    "source",
+    "id",
+    "subject",
+    "type",
+    "time",
+    "received_at",
+    "stored_at",
+    "data",
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "usage",
+    "cost_usd",
+    "cost_input_usd",
+    "cost_output_usd",
+    "price_source",
+    "status",
+    "src_topic",
+    "src_partition",
+    "src_offset",
+    "src_index",
+)
+_WINDOW_COLUMNS: Final = (
+    "subject",
+    "window_start",
+    "provider",
+    "model",
+    "src_topic",
+    "src_partition",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "unpriced_requests",
+    "cost_usd",
+    "applied_offset",
+)
+#: Largest number of keys looked up in one query.
+_LOOKUP_CHUNK: Final = 10_000
+
+
+class WindowStore:
+    """The sink's side of ClickHouse (``sinks.clickhouse.schema`` describes the tables)."""
+
+    def __init__(self, ch: ClickHouse) -> None:
+        self._ch = ch
+
+    def applied_offsets(self) -> dict[Source, int]:
+        """The last applied events-topic offset of every source partition."""
+        rows = self._ch.client().query(
+            "SELECT src_topic, src_partition, max(applied_offset) FROM usage_windows "
+            "WHERE subject = '' GROUP BY src_topic, src_partition"
+        ).result_rows
+        return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
+
+    def stored_coords(self, keys: list[EventKey]) -> dict[EventKey, Coords]:
+        """Where the stored occurrence of each of these events came from (unknown keys are absent)."""
+        found: dict[EventKey, Coords] = {}
+        client = self._ch.client()
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start : start + _LOOKUP_CHUNK]
+            rows = client.query(
+                "SELECT source, id, src_topic, src_partition, src_offset, src_index FROM usage_events "
+                "WHERE (source, id) IN {keys:Array(Tuple(String, String))}",
+                parameters={"keys": chunk},
+            ).result_rows
+            for source, event_id, topic, partition, offset, index in rows:
+                found.setdefault((source, event_id), (topic, int(partition), int(offset), int(index)))
+        return found
+
+    def write(self, plan: Plan, stored_at: datetime) -> None:
+        """Store a batch. Audit rows first (rewriting them is harmless), then every window delta and the
+        new offset markers in one INSERT: visible together or not at all. A retry with the same plan is
+        dropped by ClickHouse as a duplicate block (the token identifies the offsets it advances)."""
+        client = self._ch.client()
+        if plan.events:
+            client.insert(
+                "usage_events",
+                _event_columns(plan, stored_at),
+                column_names=list(_EVENT_COLUMNS),
+                column_oriented=True,
+            )
+        if not plan.offsets:
+            return
+        client.insert(
+            "usage_windows",
+            _window_columns(plan),
+            column_names=list(_WINDOW_COLUMNS),
+            column_oriented=True,
+            settings={"insert_deduplication_token": _token(plan.offsets.items())},
+        )
+
+    def check(self) -> None:
+        """Raise unless ClickHouse can read table data (``SELECT 1`` succeeds even with the files gone)."""
+        self._ch.client().query("SELECT max(applied_offset), count() FROM usage_windows WHERE subject = ''")
+        self._ch.client().query("SELECT version, description FROM meterstream_migrations")
+
+
+def _token(offsets: Iterable[tuple[Source, int]]) -> str:
+    text = ";".join(f"{topic}:{partition}:{offset}" for (topic, partition), offset in sorted(offsets))
+    return "ms-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _decimal(amount: str | None) -> Decimal | None:
+    return None if amount is None else Decimal(amount)
+
+
+def _event_columns(plan: Plan, stored_at: datetime) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in _EVENT_COLUMNS]
+    for row, (topic, partition, offset, index) in plan.events:
+        values = (
+            row["source"],
+            row["id"],
+            row["subject"],
+            row["type"],
+            from_micros(row["time_us"]),
+            from_micros(row["received_us"]),
+            stored_at,
+            row["data"],
+            row["provider"],
+            row["model"],
+            row["input_tokens"],
+            row["output_tokens"],
+            row["cache_read_tokens"],
+            row["cache_write_tokens"],
+            row["reasoning_tokens"],
+            orjson.dumps(row["usage"]).decode(),
+            _decimal(row["cost_usd"]),
+            _decimal(row["cost_input_usd"]),
+            _decimal(row["cost_output_usd"]),
+            row["price_source"],
+            row["status"],
+            topic,
+            partition,
+            offset,
+            index,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+def _window_columns(plan: Plan) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in _WINDOW_COLUMNS]
+    for (subject, provider, model, start), totals in plan.windows.items():
+        values = (
+            subject,
+            from_micros(start * 1_000_000),
+            provider,
+            model,
+            "",
+            0,
+            *totals.counts,
+            from_atto(totals.cost_atto),
+            -1,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    for (topic, partition), offset in plan.offsets.items():
+        # The offset marker of one source partition (see sinks.clickhouse.schema).
+        values = ("", _EPOCH, "", "", topic, partition, 0, 0, 0, 0, 0, 0, 0, 0, Decimal(0), offset)
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real Kafka-protocol broker (Tansu) and a real ClickHouse engine (chDB)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meterstream.broker import LocalBroker
+from schemas.settings import ClickHouseSettings, KafkaSettings, TopicSettings
+
+# Everything runs in UTC unless a test says otherwise: a naive datetime is a bug we want to see.
+os.environ.setdefault("TZ", "UTC")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """One Tansu broker for the session; tests isolate themselves with unique topic and group names."""
+    broker = LocalBroker.start(log_path=tmp_path_factory.mktemp("broker") / "tansu.log")
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def kafka(broker: LocalBroker) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=broker.bootstrap)
+
+
+@pytest.fixture
+def topics() -> TopicSettings:
+    suffix = uuid.uuid4().hex[:10]
+    return TopicSettings(
+        events=f"events-{suffix}", windows=f"windows-{suffix}", dead_letter=f"dead-{suffix}", partitions=4
+    )
+
+
+@pytest.fixture(scope="session")
+def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The embedded engine opens one path per process: all in-process tests share it, one database each.
+    return tmp_path_factory.mktemp("chdb")
+
+
+@pytest.fixture
+def clickhouse_settings(chdb_path: Path) -> ClickHouseSettings:
+    return ClickHouseSettings(dsn=f"chdb://{chdb_path}", database=f"t_{uuid.uuid4().hex[:12]}")
