@@ -59,9 +59,7 @@ def media_type(content_type: str | None) -> str:
     return kind.lower()
 
 
-def parse_request(
-    headers: Mapping[str, str], body: bytes, policy: IngestPolicy, now: datetime
-) -> list[AcceptedEvent]:
+def parse_request(headers: Mapping[str, str], body: bytes, policy: IngestPolicy, now: datetime) -> list[AcceptedEvent]:
     """Validated events of one ingest request, in request order.
 
     Raises:
@@ -99,7 +97,8 @@ def _accept_batch(body: bytes, policy: IngestPolicy, now: datetime, *, allow_emp
         raise Problem(400, "a batch must be a JSON array of events")
     if len(raw) > policy.max_batch_events:
         raise Problem(
-            413, f"the batch holds {len(raw)} events; at most {policy.max_batch_events} are accepted per request"
+            413,
+            f"the batch holds {len(raw)} events; at most {policy.max_batch_events} are accepted per request",
         )
     if not raw and not allow_empty:
         raise Problem(400, "the request holds no events")
@@ -117,7 +116,7 @@ def _accept_batch(body: bytes, policy: IngestPolicy, now: datetime, *, allow_emp
                 _accept([CLOUD_EVENT.validate_json(orjson.dumps(item))], policy, now, batch=True, offset=index)
             except Problem as problem:
                 errors.extend(problem.errors)
-        raise _problem(sorted(errors, key=lambda e: (e.index or 0))) from None
+        raise _problem(sorted(errors, key=lambda e: e.index or 0)) from None
     return _accept(events, policy, now, batch=True)
 
 
@@ -142,7 +141,7 @@ def _field_errors(exc: ValidationError, *, batch: bool) -> list[FieldError]:
     errors: list[FieldError] = []
     for error in exc.errors(include_url=False):
         loc = list(error["loc"])
-        index = loc.pop(0) if batch and loc and isinstance(loc[0], int) else None
+        index = int(loc.pop(0)) if batch and loc and isinstance(loc[0], int) else None
         field = ".".join(str(part) for part in loc) or "body"
         message = error["msg"]
         if error["type"] == "string_pattern_mismatch":

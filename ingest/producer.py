@@ -21,6 +21,7 @@ from schemas.problems import MeterstreamError
 
 log = logging.getLogger(__name__)
 
+
 class BrokerUnavailable(MeterstreamError):
     """The broker did not acknowledge a record in time."""
 
@@ -94,7 +95,11 @@ class EventProducer:
                 future: asyncio.Future[None] = loop.create_future()
                 futures.append(future)
                 self._producer.produce(
-                    self._topic, value, partition=partition, timestamp=timestamp_ms, on_delivery=callback(future)
+                    self._topic,
+                    value,
+                    partition=partition,
+                    timestamp=timestamp_ms,
+                    on_delivery=callback(future),
                 )
         except (BufferError, KafkaException) as exc:
             for future in futures:

@@ -30,7 +30,11 @@ def ingest_routes(service: IngestService, max_body_bytes: int) -> list[Route]:
             log.warning("ingest: answering 503: %s", exc)
             REJECTED.labels("503").inc()
             return problem_response(
-                Problem(503, f"events were not stored: {exc}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+                Problem(
+                    503,
+                    f"events were not stored: {exc}; retry later",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
             )
         return Response(status_code=204)
 
@@ -53,5 +57,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def problem_response(problem: Problem) -> Response:
     return Response(
-        orjson.dumps(problem.to_dict()), status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers
+        orjson.dumps(problem.to_dict()),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
     )

@@ -11,8 +11,8 @@ from prometheus_client import Counter, Histogram
 
 from ingest.parsing import IngestPolicy, parse_request
 from schemas.problems import Problem
-from schemas.records import RECORD_VERSION, AcceptedEvent, EventsRecord, encode
 from schemas.recent import RecentKeys
+from schemas.records import RECORD_VERSION, AcceptedEvent, EventsRecord, encode
 from schemas.settings import IngestSettings
 from schemas.topics import partition_for
 
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 ACCEPTED = Counter("meterstream_ingest_events_accepted_total", "Events accepted (answered 204)")
 REJECTED = Counter("meterstream_ingest_requests_rejected_total", "Requests rejected", ["status"])
 DUPLICATES = Counter(
-    "meterstream_ingest_duplicates_total", "Events dropped at ingest as already acknowledged (same source, id)"
+    "meterstream_ingest_duplicates_total",
+    "Events dropped at ingest as already acknowledged (same source, id)",
 )
 PRODUCED = Counter("meterstream_ingest_events_produced_total", "Events acknowledged by the broker")
 PRODUCE_SECONDS = Histogram(

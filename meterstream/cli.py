@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("topics", help="create the Kafka topics (METERSTREAM_PROCESSOR_*)")
 
     reconcile = commands.add_parser(
-        "reconcile", help="recompute window totals from the audit log and report differences (METERSTREAM_SINK_*)"
+        "reconcile",
+        help="recompute window totals from the audit log and report differences (METERSTREAM_SINK_*)",
     )
     reconcile.add_argument("--from", dest="start", type=_time, required=True, help="RFC 3339 start (inclusive)")
     reconcile.add_argument("--to", dest="end", type=_time, required=True, help="RFC 3339 end (exclusive)")

@@ -9,6 +9,7 @@ bundled broker and the embedded engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -84,10 +85,8 @@ def _run(app: Starlette, host: str, port: int, log_level: str) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and exit 0. (uvicorn re-raises the signal
     once its graceful shutdown is done; that must not turn a clean stop into a crash.)"""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(app, host, port, log_level))
-    except KeyboardInterrupt:
-        pass
 
 
 # -- ingest ---------------------------------------------------------------------------------------------
@@ -95,7 +94,10 @@ def _run(app: Starlette, host: str, port: int, log_level: str) -> None:
 
 def ingest_app(settings: IngestSettings) -> Starlette:
     producer = EventProducer(
-        settings.kafka.to_librdkafka(), settings.topics.events, settings.produce_timeout_ms, settings.linger_ms
+        settings.kafka.to_librdkafka(),
+        settings.topics.events,
+        settings.produce_timeout_ms,
+        settings.linger_ms,
     )
     service = IngestService(settings, producer)
 
@@ -119,7 +121,9 @@ def run_ingest(settings: IngestSettings) -> None:
 
 def processor_app(settings: ProcessorSettings) -> Starlette:
     ensure_topics(settings.kafka, settings.topics)
-    processor = Processor(settings, make_pricer(settings.price_overrides), topic_id(settings.kafka, settings.topics.events))
+    processor = Processor(
+        settings, make_pricer(settings.price_overrides), topic_id(settings.kafka, settings.topics.events)
+    )
     started = threading.Event()
 
     @asynccontextmanager
@@ -135,7 +139,7 @@ def processor_app(settings: ProcessorSettings) -> Starlette:
 
 
 def run_processor(settings: ProcessorSettings) -> None:
-    _run(processor_app(settings), "0.0.0.0", settings.metrics_port, settings.log_level)  # noqa: S104
+    _run(processor_app(settings), "0.0.0.0", settings.metrics_port, settings.log_level)
 
 
 # -- sink (+ query API beside the engine) ---------------------------------------------------------------
@@ -250,7 +254,11 @@ def local_app(local: LocalSettings) -> Starlette:
 
     routes: list[BaseRoute] = [
         *ingest_routes(service, ingest_settings.max_body_bytes),
-        *query_routes(reader, ingest_settings.usage_event_type, make_quoter(make_pricer(processor_settings.price_overrides))),
+        *query_routes(
+            reader,
+            ingest_settings.usage_event_type,
+            make_quoter(make_pricer(processor_settings.price_overrides)),
+        ),
     ]
     return build_app(routes, {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}, lifespan)
 

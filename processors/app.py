@@ -27,8 +27,8 @@ from prometheus_client import Counter, Histogram
 
 from processors.pricing import Pricer
 from processors.windows import WindowPolicy, process_record
-from schemas.records import EventsRecord, decode_events, encode
 from schemas.recent import RecentKeys
+from schemas.records import EventsRecord, decode_events, encode
 from schemas.settings import ProcessorSettings
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,7 @@ DUPLICATES = Counter("meterstream_processor_duplicates_total", "Events dropped a
 DEAD_LETTERED = Counter("meterstream_processor_dead_lettered_total", "Events sent to the dead-letter topic")
 UNPRICED = Counter("meterstream_processor_unpriced_total", "Counted events without a price", ["provider", "model"])
 BAD_RECORDS = Counter("meterstream_processor_bad_records_total", "Records that could not be decoded")
-BATCH_SECONDS = Histogram(
-    "meterstream_processor_batch_seconds", "Processing time of one batch, outputs acknowledged"
-)
+BATCH_SECONDS = Histogram("meterstream_processor_batch_seconds", "Processing time of one batch, outputs acknowledged")
 RETRIES = Counter("meterstream_processor_batch_retries_total", "Batches retried after a produce failure")
 
 #: Exit status when a batch is interrupted and the process must die without acknowledging it.
@@ -99,7 +97,7 @@ class Processor:
 
         app.agent(events, name="meterstream-windows")(process)
 
-        @app.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
+        @app.on_partitions_assigned.connect  # type: ignore[arg-type]
         async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
             self.assigned = {tp.partition for tp in assigned if tp.topic == settings.topics.events}
             log.info("processor: assigned events partitions %s", sorted(self.assigned))
@@ -145,9 +143,7 @@ class Processor:
                 known=self._recent,
             )
             for letter in output.dead_letters:
-                futures.append(
-                    await app.producer.send(dead_letter, None, encode(letter), None, None, None)
-                )
+                futures.append(await app.producer.send(dead_letter, None, encode(letter), None, None, None))
             futures.append(
                 await app.producer.send(windows, None, encode(output.windows), message.partition, None, None)
             )
@@ -166,7 +162,6 @@ class Processor:
         RECORDS.inc(counts["records"])
         DUPLICATES.inc(counts["duplicates"])
         DEAD_LETTERED.inc(counts["dead"])
-
 
     def _unpriced_label(self, provider: str, model: str) -> tuple[str, str]:
         # Model names come from clients: cap the label set so a stream of made-up names cannot blow up

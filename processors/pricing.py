@@ -97,7 +97,8 @@ def genai_prices_source() -> str:
 def _genai_prices_source() -> str:
     dist = importlib.metadata.distribution("genai-prices")
     digest = next(
-        (f.hash.value for f in dist.files or [] if str(f).endswith("genai_prices/data.py") and f.hash), "unknown"
+        (f.hash.value for f in dist.files or [] if str(f).endswith("genai_prices/data.py") and f.hash),
+        "unknown",
     )
     return f"genai-prices {dist.version} data:{digest[:12]}"
 
@@ -174,9 +175,7 @@ def load_overrides(path: Path) -> list[_Override]:
     try:
         parsed = _OverrideFile.model_validate(raw)
     except ValidationError as exc:
-        causes = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
+        causes = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
         raise PriceOverrideError(f"invalid price overrides {path}: {causes}") from None
     overrides = []
     for index, rule in enumerate(parsed.prices):
@@ -349,9 +348,7 @@ class Pricer:
             self._resolved[key] = cached
         return cached
 
-    def _override(
-        self, provider: str, model: str, when: datetime, context: Mapping[str, str]
-    ) -> _Override | None:
+    def _override(self, provider: str, model: str, when: datetime, context: Mapping[str, str]) -> _Override | None:
         """The latest rule in effect whose price context is exactly the event's: a batch call is not
         priced by a rule for standard calls, nor the other way round."""
         chosen = None
@@ -460,8 +457,7 @@ def _learn(resolved: _Resolved, keys: tuple[str, ...], bucket: int) -> _Affine |
     if at_base is None:
         return None
     constant = tuple(
-        total - sum(c[i] * base[k] for k, c in zip(keys, coefficients, strict=True))
-        for i, total in enumerate(at_base)
+        total - sum(c[i] * base[k] for k, c in zip(keys, coefficients, strict=True)) for i, total in enumerate(at_base)
     )
     affine = _Affine(keys, tuple(coefficients), constant)  # type: ignore[arg-type]
     # Check at a second, different point of the same bucket before trusting it.
@@ -496,8 +492,12 @@ def _base_point(
     return point
 
 
-def _atto(result: Mapping[str, Decimal]) -> tuple[int, int, int] | None:
+def _atto(result: Mapping[str, Any]) -> tuple[int, int, int] | None:
     try:
-        return (to_atto(result["input_price"]), to_atto(result["output_price"]), to_atto(result["total_price"]))
+        return (
+            to_atto(result["input_price"]),
+            to_atto(result["output_price"]),
+            to_atto(result["total_price"]),
+        )
     except ValueError:
         return None

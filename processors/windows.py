@@ -9,7 +9,7 @@ duplicates the sink would remove anyway.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -81,7 +81,7 @@ def process_record(
     offset: int,
     policy: WindowPolicy,
     pricer: Pricer,
-    known: Mapping[tuple[str, str], object] | None = None,
+    known: Container[tuple[str, str]] | None = None,
 ) -> Output:
     """Price and aggregate one events record. ``known`` holds (source, id) keys already counted; events
     with those keys (or repeated inside this record) are dropped as duplicates."""
@@ -117,7 +117,11 @@ def process_record(
         else:
             status = "counted"
             result = pricer.price(
-                event["provider"], event["model"], event["time_us"], event["usage"], event.get("price_context")
+                event["provider"],
+                event["model"],
+                event["time_us"],
+                event["usage"],
+                event.get("price_context"),
             )
             price = result if isinstance(result, Price) else result.reason
             _add(windows, event, price)

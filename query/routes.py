@@ -41,7 +41,10 @@ PriceQuoter = Callable[[str, str, datetime, Mapping[str, str]], Mapping[str, Any
 
 def problem_response(problem: Problem) -> Response:
     return Response(
-        orjson.dumps(problem.to_dict()), status_code=problem.status, media_type=PROBLEM_JSON, headers=problem.headers
+        orjson.dumps(problem.to_dict()),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
     )
 
 
@@ -94,7 +97,11 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
             if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
                 raise bad("limit", "must be an integer from 1 to 100")
             event_list = EventFilter(
-                start=start, end=end, subject=params.get("subject"), id_contains=params.get("id"), limit=int(limit_text)
+                start=start,
+                end=end,
+                subject=params.get("subject"),
+                id_contains=params.get("id"),
+                limit=int(limit_text),
             )
         except Problem as problem:
             return problem_response(problem)

@@ -68,9 +68,19 @@ METERS: Final[tuple[Meter, ...]] = (
     Meter("output_tokens", "output_tokens", "SUM", "Output tokens, including reasoning", "$.output_tokens"),
     Meter("cache_read_tokens", "cache_read_tokens", "SUM", "Input tokens read from cache", "$.cache_read_tokens"),
     Meter(
-        "cache_write_tokens", "cache_write_tokens", "SUM", "Input tokens written to cache", "$.cache_write_tokens"
+        "cache_write_tokens",
+        "cache_write_tokens",
+        "SUM",
+        "Input tokens written to cache",
+        "$.cache_write_tokens",
     ),
-    Meter("reasoning_tokens", "reasoning_tokens", "SUM", "Reasoning tokens (inside output)", "$.reasoning_tokens"),
+    Meter(
+        "reasoning_tokens",
+        "reasoning_tokens",
+        "SUM",
+        "Reasoning tokens (inside output)",
+        "$.reasoning_tokens",
+    ),
     Meter("tokens_total", "total_tokens", "SUM", "Input plus output tokens", "$.total_tokens"),
     Meter(
         "cost_usd",

@@ -212,7 +212,7 @@ def _normalize_canonical(data: Mapping[str, Any]) -> CanonicalUsage:
                 raise UsageError(f"data.{name}", f"data.{name} repeats {key}, which is already given")
             counts[key] = _check_count(f"data.{name}", value)
             field_of[key] = f"data.{name}"
-        elif name.endswith("_tokens"):
+        elif "token" in name:
             # A misspelt count would otherwise be silently billed as zero.
             raise UsageError(f"data.{name}", f"data.{name} is not a known token count")
     if not counts:
@@ -259,9 +259,7 @@ def _normalize_provider(data: Mapping[str, Any], raw: Mapping[str, Any]) -> Cano
     return CanonicalUsage(counts)
 
 
-def _flavour(
-    provider_id: str, data: Mapping[str, Any], raw: Mapping[str, Any], extractors: Mapping[str, Any]
-) -> str:
+def _flavour(provider_id: str, data: Mapping[str, Any], raw: Mapping[str, Any], extractors: Mapping[str, Any]) -> str:
     api = data.get("api")
     if api is not None:
         if not isinstance(api, str) or api not in extractors:

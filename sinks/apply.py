@@ -92,10 +92,10 @@ def plan_batch(
 
     for record in accepted:
         for delta in record["windows"]:
-            key = (delta["subject"], delta["provider"], delta["model"], delta["window_start"])
-            totals = plan.windows.get(key)
+            window = (delta["subject"], delta["provider"], delta["model"], delta["window_start"])
+            totals = plan.windows.get(window)
             if totals is None:
-                totals = plan.windows[key] = Totals()
+                totals = plan.windows[window] = Totals()
             for i, name in enumerate(_COUNTS):
                 totals.counts[i] += delta[name]  # type: ignore[literal-required]
             totals.cost_atto += to_atto(delta["cost_usd"])
@@ -118,8 +118,8 @@ def plan_batch(
         kept[key] = coords
         plan.events.append((row, coords))
 
-    for key in [k for k, totals in plan.windows.items() if totals.is_zero()]:
-        del plan.windows[key]
+    for window in [w for w, totals in plan.windows.items() if totals.is_zero()]:
+        del plan.windows[window]
     return plan
 
 

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from schemas.records import WindowsRecord, decode_windows
 from schemas.recent import RecentKeys
+from schemas.records import WindowsRecord, decode_windows
 from schemas.settings import SinkSettings
 from sinks.apply import Coords, EventKey, Plan, Source, plan_batch
 
@@ -87,9 +87,7 @@ class Sink:
     def run(self) -> None:
         """Consume until ``stop()``. The batch in hand is then written, or, if storage is down, left
         uncommitted, to be redelivered."""
-        self._consumer.subscribe(
-            [self._settings.topics.windows], on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+        self._consumer.subscribe([self._settings.topics.windows], on_assign=self._on_assign, on_revoke=self._on_revoke)
         batch: list[tuple[Message, WindowsRecord | None]] = []
         events = 0
         oldest: float | None = None

@@ -40,7 +40,10 @@ _EVENT_VALUE: Final[Mapping[str, str]] = {
 _BUCKETS: Final[Mapping[WindowSize, tuple[str, str]]] = {
     WindowSize.MINUTE: ("ts", "window_start + 60"),
     WindowSize.HOUR: ("toStartOfHour(ts, {tz:String})", "window_start + 3600"),
-    WindowSize.DAY: ("toStartOfDay(ts, {tz:String})", "toDateTime(toDate(window_start, {tz:String}) + 1, {tz:String})"),
+    WindowSize.DAY: (
+        "toStartOfDay(ts, {tz:String})",
+        "toDateTime(toDate(window_start, {tz:String}) + 1, {tz:String})",
+    ),
     WindowSize.MONTH: (
         "toDateTime(toStartOfMonth(ts, {tz:String}), {tz:String})",
         "toDateTime(addMonths(toStartOfMonth(window_start, {tz:String}), 1), {tz:String})",
@@ -227,8 +230,7 @@ class MeterReader:
         for row in result.result_rows:
             subject, provider, model, window_start, *pairs = row
             values = {
-                column: (Decimal(pairs[2 * i]), Decimal(pairs[2 * i + 1]))
-                for i, column in enumerate(_RECONCILE_COUNTS)
+                column: (Decimal(pairs[2 * i]), Decimal(pairs[2 * i + 1])) for i, column in enumerate(_RECONCILE_COUNTS)
             }
             differences.append(Difference(subject, provider, model, _utc(window_start), values))
         return differences
@@ -240,4 +242,3 @@ class MeterReader:
 def _utc(value: datetime) -> datetime:
     """clickhouse-connect returns naive UTC datetimes by default."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-

@@ -74,10 +74,14 @@ class WindowStore:
 
     def applied_offsets(self) -> dict[Source, int]:
         """The last applied events-topic offset of every source partition."""
-        rows = self._ch.client().query(
-            "SELECT src_topic, src_partition, max(applied_offset) FROM usage_windows "
-            "WHERE subject = '' GROUP BY src_topic, src_partition"
-        ).result_rows
+        rows = (
+            self._ch.client()
+            .query(
+                "SELECT src_topic, src_partition, max(applied_offset) FROM usage_windows "
+                "WHERE subject = '' GROUP BY src_topic, src_partition"
+            )
+            .result_rows
+        )
         return {(str(topic), int(partition)): int(offset) for topic, partition, offset in rows}
 
     def stored_coords(self, keys: list[EventKey]) -> dict[EventKey, Coords]:

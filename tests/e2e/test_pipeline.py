@@ -70,7 +70,9 @@ def ingested(stack: LocalStack) -> list[Sent]:
             post_batch(client, [g.event for g in rest[i : i + 250]], kind)
         for g in singles[:20]:
             response = client.post(
-                "/api/v1/events", content=orjson.dumps(g.event), headers={"Content-Type": "application/cloudevents+json"}
+                "/api/v1/events",
+                content=orjson.dumps(g.event),
+                headers={"Content-Type": "application/cloudevents+json"},
             )
             assert response.status_code == 204, response.text
         for g in singles[20:]:
@@ -86,7 +88,9 @@ def ingested(stack: LocalStack) -> list[Sent]:
 
 
 def query(stack: LocalStack, meter: str, params: list[tuple[str, str]], accept: str = "application/json") -> str:
-    response = httpx.get(f"{stack.url}/api/v1/meters/{meter}/query", params=params, headers={"Accept": accept}, timeout=30)
+    response = httpx.get(
+        f"{stack.url}/api/v1/meters/{meter}/query", params=params, headers={"Accept": accept}, timeout=30
+    )
     assert response.status_code == 200, response.text
     return response.text
 
@@ -98,7 +102,15 @@ CASES = [
     ("cost_usd", None, "UTC", ("model", "provider"), (), None, None),
     ("cost_usd", "DAY", "America/New_York", ("model",), (), START, START + SPAN),
     ("tokens_total", "DAY", "America/New_York", ("subject",), (), START - timedelta(days=1), START + SPAN),
-    ("input_tokens", "HOUR", "America/New_York", (), (), START + timedelta(hours=30), START + timedelta(hours=34)),
+    (
+        "input_tokens",
+        "HOUR",
+        "America/New_York",
+        (),
+        (),
+        START + timedelta(hours=30),
+        START + timedelta(hours=34),
+    ),
     ("output_tokens", "HOUR", "Asia/Kolkata", ("model",), (), START, START + SPAN),
     ("cost_usd", "DAY", "Asia/Kolkata", (), ("user-001", "user-002"), START, START + SPAN),
     ("cache_read_tokens", "MONTH", "UTC", ("subject",), (), None, None),
@@ -116,8 +128,24 @@ CASES = [
         START + timedelta(hours=3, seconds=17, microseconds=123456),
         START + timedelta(hours=9, minutes=41, seconds=59, microseconds=1),
     ),
-    ("cost_usd", None, "UTC", ("subject",), (), START + timedelta(seconds=30.5), START + timedelta(minutes=20, seconds=10)),
-    ("requests", "MINUTE", "UTC", (), (), START + timedelta(minutes=3, seconds=1), START + timedelta(minutes=3, seconds=59)),
+    (
+        "cost_usd",
+        None,
+        "UTC",
+        ("subject",),
+        (),
+        START + timedelta(seconds=30.5),
+        START + timedelta(minutes=20, seconds=10),
+    ),
+    (
+        "requests",
+        "MINUTE",
+        "UTC",
+        (),
+        (),
+        START + timedelta(minutes=3, seconds=1),
+        START + timedelta(minutes=3, seconds=59),
+    ),
 ]
 
 
@@ -180,10 +208,17 @@ def test_dst_day_is_25_hours(stack: LocalStack, ingested: list[Sent]) -> None:
         query(
             stack,
             "requests",
-            [("windowSize", "DAY"), ("windowTimeZone", "America/New_York"), ("from", "2025-11-02T04:00:00Z"), ("to", "2025-11-03T05:00:00Z")],
+            [
+                ("windowSize", "DAY"),
+                ("windowTimeZone", "America/New_York"),
+                ("from", "2025-11-02T04:00:00Z"),
+                ("to", "2025-11-03T05:00:00Z"),
+            ],
         )
     )["data"]
-    assert [(r["windowStart"], r["windowEnd"]) for r in rows] == [("2025-11-02T00:00:00-04:00", "2025-11-03T00:00:00-05:00")]
+    assert [(r["windowStart"], r["windowEnd"]) for r in rows] == [
+        ("2025-11-02T00:00:00-04:00", "2025-11-03T00:00:00-05:00")
+    ]
 
 
 def test_duplicates_never_counted_twice(stack: LocalStack, ingested: list[Sent]) -> None:
@@ -193,14 +228,22 @@ def test_duplicates_never_counted_twice(stack: LocalStack, ingested: list[Sent])
     dropped = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
-        if line.startswith(("meterstream_ingest_duplicates_total", "meterstream_processor_duplicates_total", "meterstream_sink_duplicates_total"))
+        if line.startswith(
+            (
+                "meterstream_ingest_duplicates_total",
+                "meterstream_processor_duplicates_total",
+                "meterstream_sink_duplicates_total",
+            )
+        )
     )
     assert dropped == N_EVENTS // 20
 
 
 def test_reconciliation_finds_no_difference(stack: LocalStack, ingested: list[Sent]) -> None:
     response = httpx.get(
-        f"{stack.url}/api/v1/admin/reconcile", params={"from": iso(START - timedelta(days=1)), "to": iso(START + SPAN + timedelta(days=1))}, timeout=60
+        f"{stack.url}/api/v1/admin/reconcile",
+        params={"from": iso(START - timedelta(days=1)), "to": iso(START + SPAN + timedelta(days=1))},
+        timeout=60,
     )
     assert response.status_code == 200, response.text
     assert response.json()["differences"] == []

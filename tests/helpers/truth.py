@@ -26,7 +26,13 @@ METER_FIELDS = {
 }
 
 #: Provider aliases a test may send -> genai-prices provider id (what queries group by).
-PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "google": "google", "gemini": "google", "aws": "aws"}
+PROVIDER_IDS = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "google": "google",
+    "gemini": "google",
+    "aws": "aws",
+}
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,20 @@ class Sent:
         return Decimal(self.counts.get(METER_FIELDS[meter], 0))
 
 
-def price(provider: str, model: str, time: datetime, counts: Mapping[str, int], context: Mapping[str, str] | None = None) -> Decimal | None:
+def price(
+    provider: str,
+    model: str,
+    time: datetime,
+    counts: Mapping[str, int],
+    context: Mapping[str, str] | None = None,
+) -> Decimal | None:
     try:
         return calc_price(
-            Usage(**counts), model, provider_id=provider, genai_request_timestamp=time, price_context=context or None
+            Usage(**counts),
+            model,
+            provider_id=provider,
+            genai_request_timestamp=time,
+            price_context=context or None,
         ).total_price
     except LookupError:
         return None
@@ -81,14 +97,22 @@ def sent_from_canonical(event: Mapping[str, Any]) -> Sent:
     )
 
 
-def sent_from_provider_usage(event: Mapping[str, Any], response: Mapping[str, Any], api_flavor: str = "default") -> Sent:
+def sent_from_provider_usage(
+    event: Mapping[str, Any], response: Mapping[str, Any], api_flavor: str = "default"
+) -> Sent:
     """An event whose data carries a provider's raw usage; ``response`` is the provider's response body."""
     data = event["data"]
     extracted = extract_usage(response, provider_id=data["provider"], api_flavor=api_flavor)
     counts = {k: int(v) for k, v in extracted.usage.__dict__.items() if v is not None}
     time = datetime.fromisoformat(event["time"]).astimezone(UTC)
     return Sent(
-        event["id"], event["source"], event["subject"], time, extracted.provider.id, data["model"], counts,
+        event["id"],
+        event["source"],
+        event["subject"],
+        time,
+        extracted.provider.id,
+        data["model"],
+        counts,
         price(data["provider"], data["model"], time, counts),
     )
 

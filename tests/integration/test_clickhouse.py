@@ -1,0 +1,151 @@
+"""The storage layer against a real ClickHouse engine (embedded chDB, same client API as a server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from schemas.meters import find_meter
+from schemas.query import EventFilter, MeterQuery, WindowSize
+from schemas.settings import ClickHouseSettings
+from sinks.apply import Plan, Totals
+from sinks.clickhouse.connection import ClickHouse
+from sinks.clickhouse.reader import MeterReader
+from sinks.clickhouse.schema import MIGRATIONS, migrate
+from sinks.clickhouse.store import WindowStore
+from tests.helpers.truth import Sent, expected
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = find_meter("requests")
+assert REQUESTS is not None
+
+
+@pytest.fixture
+def ch(clickhouse_settings: ClickHouseSettings) -> Iterator[ClickHouse]:
+    ch = ClickHouse(clickhouse_settings)
+    migrate(ch)
+    yield ch
+    ch.client().command(f"DROP DATABASE IF EXISTS `{ch.database}`")
+
+
+def minutes(start: datetime, end: datetime) -> list[datetime]:
+    out = []
+    t = start
+    while t < end:
+        out.append(t)
+        t += timedelta(minutes=1)
+    return out
+
+
+def window_plan(times: list[datetime], subject: str = "s", topic: str = "T", offset: int = 0) -> Plan:
+    plan = Plan(offsets={(topic, 0): offset})
+    for t in times:
+        totals = Totals()
+        totals.counts[0] = 1
+        totals.cost_atto = 10**12
+        plan.windows[(subject, "openai", "gpt-4o-mini", int(t.timestamp()))] = totals
+    return plan
+
+
+def test_migrations_are_idempotent(ch: ClickHouse) -> None:
+    assert migrate(ch) == []
+    versions = [row[0] for row in ch.client().query("SELECT version FROM meterstream_migrations").result_rows]
+    assert versions == [m.version for m in MIGRATIONS]
+
+
+# Every minute of two weeks around DST changes, in zones that are easy to get wrong: New York (DST),
+# Kolkata (+05:30), Kathmandu (+05:45), Lord Howe (30-minute DST), Santiago (DST starts at midnight, so a
+# day begins at 01:00), London.
+SPANS = [
+    (datetime(2024, 3, 8, tzinfo=UTC), datetime(2024, 3, 12, tzinfo=UTC)),
+    (datetime(2024, 9, 5, tzinfo=UTC), datetime(2024, 9, 10, tzinfo=UTC)),
+    (datetime(2024, 10, 30, tzinfo=UTC), datetime(2024, 11, 5, tzinfo=UTC)),
+]
+ZONES = [
+    "UTC",
+    "America/New_York",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "Australia/Lord_Howe",
+    "America/Santiago",
+    "Europe/London",
+]
+
+
+@pytest.mark.parametrize("zone", ZONES)
+def test_time_zone_windows_match_the_calendar(ch: ClickHouse, zone: str) -> None:
+    times = [t for start, end in SPANS for t in minutes(start, end)]
+    WindowStore(ch).write(window_plan(times), datetime.now(UTC))
+    sent = [Sent(str(i), "x", "s", t, "openai", "gpt-4o-mini", {}, Decimal("0.000001")) for i, t in enumerate(times)]
+    reader = MeterReader(ch)
+    for window in ("HOUR", "DAY", "MONTH"):
+        rows = reader.query_meter(MeterQuery(meter=REQUESTS, window_size=WindowSize(window), time_zone=zone))
+        got = {(r.window_start, r.window_end, None, ()): r.value for r in rows}
+        assert got == expected(sent, "requests", window=window, zone=zone), (zone, window)
+        starts = [r.window_start for r in rows]
+        assert starts == sorted(starts)
+
+
+def test_a_retried_insert_is_not_applied_twice(ch: ClickHouse) -> None:
+    store, reader = WindowStore(ch), MeterReader(ch)
+    t = datetime(2025, 1, 1, tzinfo=UTC)
+    plan = window_plan([t], offset=7)
+    store.write(plan, datetime.now(UTC))
+    store.write(plan, datetime.now(UTC))  # e.g. after a timeout whose insert had in fact landed
+    (row,) = reader.query_meter(MeterQuery(meter=REQUESTS))
+    assert row.value == 1
+    assert store.applied_offsets() == {("T", 0): 7}
+    store.write(window_plan([t], offset=8), datetime.now(UTC))
+    assert reader.query_meter(MeterQuery(meter=REQUESTS))[0].value == 2
+    assert store.applied_offsets() == {("T", 0): 8}
+
+
+def test_cost_sums_are_exact(ch: ClickHouse) -> None:
+    plan = Plan(offsets={("T", 0): 0})
+    amounts = ["0.000000000000000001", "12345678.123456789012345678", "0.00045", "7.5E-8"]
+    for i, amount in enumerate(amounts):
+        totals = Totals()
+        totals.counts[0] = 1
+        totals.cost_atto = int(Decimal(amount).scaleb(18))
+        plan.windows[("s", "p", "m", 60 * i)] = totals
+    WindowStore(ch).write(plan, datetime.now(UTC))
+    (row,) = MeterReader(ch).query_meter(MeterQuery(meter=find_meter("cost_usd")))  # type: ignore[arg-type]
+    assert row.value == sum(Decimal(a) for a in amounts)
+
+
+def test_stored_coordinates_and_event_list(ch: ClickHouse) -> None:
+    from tests.unit.test_apply import row
+
+    plan = Plan(events=[(row("a", 0), ("T", 1, 5, 0)), (row("b'); --", 1), ("T", 1, 5, 1))], offsets={})
+    store = WindowStore(ch)
+    store.write(plan, datetime(2025, 1, 1, tzinfo=UTC))
+    store.write(plan, datetime(2025, 1, 1, tzinfo=UTC))  # a replay rewrites identical rows
+    assert store.stored_coords([("app", "a"), ("app", "b'); --"), ("app", "zzz")]) == {
+        ("app", "a"): ("T", 1, 5, 0),
+        ("app", "b'); --"): ("T", 1, 5, 1),
+    }
+    events = MeterReader(ch).list_events(EventFilter(start=datetime(2023, 1, 1, tzinfo=UTC), limit=10))
+    assert sorted(e["id"] for e in events) == ["a", "b'); --"]
+    only = MeterReader(ch).list_events(EventFilter(start=datetime(2023, 1, 1, tzinfo=UTC), id_contains="b'", limit=10))
+    assert [e["id"] for e in only] == ["b'); --"]
+
+
+def test_reconcile_sees_a_missing_window(ch: ClickHouse) -> None:
+    from tests.unit.test_apply import MINUTE, row
+
+    store, reader = WindowStore(ch), MeterReader(ch)
+    plan = Plan(events=[(row("a", 0), ("T", 0, 0, 0))], offsets={("T", 0): 0})
+    totals = Totals()
+    totals.counts[:7] = [1, 10, 2, 0, 0, 0, 12]
+    totals.cost_atto = 10**15
+    plan.windows[("alice", "openai", "gpt-4o-mini", MINUTE)] = totals
+    store.write(plan, datetime.now(UTC))
+    start = datetime.fromtimestamp(MINUTE, UTC)
+    assert reader.reconcile(start, start + timedelta(minutes=1)) == []
+    store.write(Plan(events=[(row("b", 1), ("T", 0, 1, 0))], offsets={}), datetime.now(UTC))
+    (difference,) = reader.reconcile(start - timedelta(seconds=1), start + timedelta(seconds=1))
+    assert difference.values["requests"] == (Decimal(2), Decimal(1))

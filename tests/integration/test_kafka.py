@@ -1,0 +1,165 @@
+"""Ingest and processor against a real Kafka-protocol broker (Tansu)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from ingest.producer import BrokerUnavailable, EventProducer
+from ingest.service import IngestService
+from meterstream.broker import LocalBroker, free_port
+from meterstream.topics import ensure_topics, topic_id
+from processors.app import Processor
+from processors.pricing import Pricer
+from schemas.records import decode_events, decode_windows
+from schemas.settings import IngestSettings, KafkaSettings, ProcessorSettings, TopicSettings
+from schemas.topics import partition_for
+
+pytestmark = pytest.mark.integration
+
+
+def read_all(
+    kafka: KafkaSettings, topic: str, expected: int, timeout_s: float = 20
+) -> list[tuple[int, int, bytes, int]]:
+    consumer = Consumer(
+        kafka.to_librdkafka()
+        | {
+            "group.id": f"reader-{topic}-{time.monotonic()}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": "6000",
+        }
+    )
+    consumer.subscribe([topic])
+    out = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                out.append((message.partition(), message.offset(), message.value(), message.timestamp()[1]))
+    finally:
+        consumer.close()
+    return out
+
+
+# Within the allowed lateness (7 days) of now, so that the processor counts it.
+RECENT = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+
+
+def event(i: int, subject: str) -> dict[str, object]:
+    return {
+        "specversion": "1.0",
+        "id": f"k-{i}",
+        "source": "test",
+        "type": "llm.usage",
+        "subject": subject,
+        "time": RECENT,
+        "data": {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": i, "output_tokens": 1},
+    }
+
+
+async def test_ingest_groups_by_partition_and_waits_for_the_broker(kafka: KafkaSettings, topics: TopicSettings) -> None:
+    ensure_topics(kafka, topics)
+    settings = IngestSettings(kafka=kafka, topics=topics)
+    producer = EventProducer(kafka.to_librdkafka(), topics.events, 5000, 1)
+    service = IngestService(settings, producer)
+    body = orjson.dumps([event(i, f"user-{i % 10}") for i in range(100)])
+    before = int(datetime.now(UTC).timestamp() * 1000)
+    assert await service.ingest({"content-type": "application/json"}, body) == 100
+    # The same request again: already acknowledged, nothing new is produced.
+    assert await service.ingest({"content-type": "application/json"}, body) == 0
+    producer.close()
+    records = read_all(kafka, topics.events, 4)
+    assert len(records) <= 4  # one record per partition touched
+    seen = []
+    for partition, _, value, timestamp in records:
+        assert timestamp >= before  # the receive time, not the (much older) event time
+        for accepted in decode_events(value)["events"]:
+            assert partition_for(accepted["subject"], 4) == partition
+            seen.append(accepted["id"])
+    assert sorted(seen) == sorted(f"k-{i}" for i in range(100))
+
+
+def test_subject_partitioning_agrees_with_kafka_clients(kafka: KafkaSettings, topics: TopicSettings) -> None:
+    ensure_topics(kafka, topics)
+    producer = Producer(kafka.to_librdkafka() | {"partitioner": "murmur2"})
+    subjects = [f"customer-{i}" for i in range(40)] + ["ü-ñ", "a"]
+    for subject in subjects:
+        producer.produce(topics.events, b"x", key=subject.encode())
+    producer.flush(10)
+    consumer = Consumer(
+        kafka.to_librdkafka()
+        | {"group.id": f"keys-{time.monotonic()}", "auto.offset.reset": "earliest", "session.timeout.ms": "6000"}
+    )
+    consumer.subscribe([topics.events])
+    found: dict[str, int] = {}
+    deadline = time.monotonic() + 20
+    while len(found) < len(subjects) and time.monotonic() < deadline:
+        message = consumer.poll(0.2)
+        if message is not None and message.error() is None:
+            found[message.key().decode()] = message.partition()
+    consumer.close()
+    assert found == {s: partition_for(s, 4) for s in subjects}
+
+
+async def test_unreachable_broker_is_503_quickly() -> None:
+    dead = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    settings = IngestSettings(kafka=dead, produce_timeout_ms=800)
+    producer = EventProducer(dead.to_librdkafka(), "meterstream.events", 800, 1)
+    producer._partitions = 4  # the metadata call would fail the same way; the produce path is what is tested
+    service = IngestService(settings, producer)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await service.ingest({"content-type": "application/cloudevents+json"}, orjson.dumps(event(1, "a")))
+    assert time.monotonic() - started < 5
+    assert producer.ping(0.5) is False
+    producer.close(0.1)
+
+
+async def test_broker_killed_mid_stream_answers_503_and_recovers(tmp_path: object) -> None:
+    broker = LocalBroker.start()
+    try:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
+        topics = TopicSettings(partitions=2)
+        ensure_topics(kafka, topics)
+        producer = EventProducer(kafka.to_librdkafka(), topics.events, 1500, 1)
+        service = IngestService(IngestSettings(kafka=kafka, topics=topics, produce_timeout_ms=1500), producer)
+        assert await service.ingest({"content-type": "application/cloudevents+json"}, orjson.dumps(event(1, "a"))) == 1
+        broker.kill()
+        with pytest.raises(BrokerUnavailable):
+            await service.ingest({"content-type": "application/cloudevents+json"}, orjson.dumps(event(2, "a")))
+        producer.close(0.1)
+    finally:
+        broker.stop()
+
+
+async def test_processor_turns_each_record_into_one_output(kafka: KafkaSettings, topics: TopicSettings) -> None:
+    ensure_topics(kafka, topics)
+    settings = ProcessorSettings(kafka=kafka, topics=topics, group_id=f"proc-{topics.events}", session_timeout_s=2.0)
+    producer = EventProducer(kafka.to_librdkafka(), topics.events, 5000, 1)
+    service = IngestService(IngestSettings(kafka=kafka, topics=topics), producer)
+    for batch in range(5):
+        body = orjson.dumps([event(batch * 100 + i, f"user-{i % 7}") for i in range(100)])
+        await service.ingest({"content-type": "application/json"}, body)
+    producer.close()
+    inputs = read_all(kafka, topics.events, 100, timeout_s=5)
+    processor = Processor(settings, Pricer(), topic_id(kafka, topics.events))
+    await processor.app.start()
+    try:
+        outputs = await asyncio.to_thread(read_all, kafka, topics.windows, len(inputs), 30)
+    finally:
+        await processor.app.stop()
+    assert len(outputs) == len(inputs)
+    by_source = {}
+    for partition, _, value, _ in outputs:
+        record = decode_windows(value)
+        assert record["partition"] == partition  # output lands on the partition its input was read from
+        by_source[(record["partition"], record["offset"])] = record
+    assert set(by_source) == {(p, o) for p, o, _, _ in inputs}
+    counted = sum(w["requests"] for r in by_source.values() for w in r["windows"])
+    assert counted == 500
