@@ -210,15 +210,23 @@ def _add_usage(record: AcceptedEvent, data: dict[str, Any] | None) -> None:
 
 
 def _price_context(data: Mapping[str, Any]) -> dict[str, str]:
-    """genai-prices price context from the event: ``service_tier`` (flex, priority, ...), ``batch``
-    (true for batch API calls) and ``speed`` (Anthropic's fast mode)."""
+    """genai-prices price context from the event: ``service_tier`` (flex, priority, ...; Anthropic reports
+    it inside its usage object, where ``batch`` means the Batch API), ``batch`` (true for batch API calls)
+    and ``speed`` (Anthropic's fast mode)."""
     context: dict[str, str] = {}
     tier = data.get("service_tier")
+    field = "data.service_tier"
+    usage = data.get("usage")
+    if tier is None and isinstance(usage, Mapping) and isinstance(usage.get("service_tier"), str):
+        tier, field = usage["service_tier"], "data.usage.service_tier"
     if tier is not None:
         if not isinstance(tier, str) or not tier:
-            raise UsageError("data.service_tier", "data.service_tier must be a non-empty string")
-        if tier.lower() not in _SERVICE_TIERS_WITHOUT_VARIANT:
-            context["service_tier"] = tier.lower()
+            raise UsageError(field, f"{field} must be a non-empty string")
+        tier = tier.lower()
+        if tier == "batch":
+            context["processing"] = "batch"
+        elif tier not in _SERVICE_TIERS_WITHOUT_VARIANT:
+            context["service_tier"] = tier
     batch = data.get("batch")
     if batch is not None:
         if not isinstance(batch, bool):

@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from schemas.problems import MeterstreamError
+
+    try:
+        return _main(argv)
+    except MeterstreamError as exc:
+        # Configuration and connection problems: one clear line, not a traceback.
+        print(f"meterstream: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     # Imported here: `meterstream --help` should not pay for Faust, chDB and genai-prices.
     from schemas.settings import IngestSettings, LocalSettings, ProcessorSettings, QuerySettings, SinkSettings

@@ -199,6 +199,8 @@ def run_query(settings: QuerySettings) -> None:
 
 def local_app(local: LocalSettings) -> Starlette:
     """Ingest, processor, sink and query in one process, on the bundled broker and the embedded engine."""
+    processor_settings = ProcessorSettings()
+    pricer = make_pricer(processor_settings.price_overrides)  # an invalid override file stops us here
     data_dir = local.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     state_file = data_dir / "broker.json"
@@ -208,7 +210,7 @@ def local_app(local: LocalSettings) -> Starlette:
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap)
     topics = TopicSettings(partitions=local.partitions)
     ingest_settings = IngestSettings().model_copy(update={"kafka": kafka, "topics": topics})
-    processor_settings = ProcessorSettings().model_copy(update={"kafka": kafka, "topics": topics})
+    processor_settings = processor_settings.model_copy(update={"kafka": kafka, "topics": topics})
     sink_settings = SinkSettings().model_copy(
         update={
             "kafka": kafka,
@@ -219,7 +221,6 @@ def local_app(local: LocalSettings) -> Starlette:
     ensure_topics(kafka, topics)
     events_topic_id = topic_id(kafka, topics.events)
     ch, sink, reader = _sink_parts(sink_settings)
-    pricer = make_pricer(processor_settings.price_overrides)
     processor = Processor(processor_settings, pricer, events_topic_id)
     producer = EventProducer(
         kafka.to_librdkafka(), topics.events, ingest_settings.produce_timeout_ms, ingest_settings.linger_ms
