@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -125,3 +126,98 @@ class LocalStack:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class MultiProcessStack:
+    """The production topology on one machine: the bundled broker, and ``meterstream ingest``,
+    ``processor`` (one or more), ``sink`` (with the query API, over the embedded engine) as separate
+    processes, configured through their environment exactly as in docker-compose.yml."""
+
+    base: Path
+    partitions: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+    broker: Any = None
+    ingest: Service | None = None
+    sink: Service | None = None
+    processors: list[Service] = field(default_factory=list)
+    ingest_port: int = 0
+    sink_port: int = 0
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    @property
+    def query_url(self) -> str:
+        return f"http://127.0.0.1:{self.sink_port}"
+
+    def env(self, service: str) -> dict[str, str]:
+        prefix = f"METERSTREAM_{service.upper()}_"
+        env = {
+            f"{prefix}KAFKA__BOOTSTRAP_SERVERS": self.broker.bootstrap,
+            f"{prefix}TOPICS__PARTITIONS": str(self.partitions),
+            f"{prefix}LOG_LEVEL": "INFO",
+        }
+        if service == "processor":
+            env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
+            env[f"{prefix}METRICS_PORT"] = str(free_port())
+        if service == "sink":
+            env[f"{prefix}CLICKHOUSE__DSN"] = f"chdb://{self.base / 'clickhouse'}"
+            env[f"{prefix}PORT"] = str(self.sink_port)
+            env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
+        if service == "ingest":
+            env[f"{prefix}PORT"] = str(self.ingest_port)
+            env[f"{prefix}PRODUCE_TIMEOUT_MS"] = "3000"
+        return env | {k: v for k, v in self.extra_env.items() if k.startswith(prefix)}
+
+    def start(self, processors: int = 1) -> MultiProcessStack:
+        from meterstream.broker import LocalBroker
+
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.broker = LocalBroker.start(log_path=self.base / "tansu.log")
+        self.ingest_port, self.sink_port = free_port(), free_port()
+        for _ in range(processors):
+            self.add_processor()
+        self.sink = Service(["sink"], self.env("sink"), self.base / "sink.log")
+        self.sink.start()
+        self.ingest = Service(["ingest"], self.env("ingest"), self.base / "ingest.log")
+        self.ingest.start()
+        self.wait_ready()
+        return self
+
+    def add_processor(self) -> Service:
+        service = Service(["processor"], self.env("processor"), self.base / f"processor-{len(self.processors)}.log")
+        service.start()
+        self.processors.append(service)
+        return service
+
+    def processor_ready_url(self, service: Service) -> str:
+        return f"http://127.0.0.1:{service.env['METERSTREAM_PROCESSOR_METRICS_PORT']}/readyz"
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        assert self.ingest and self.sink
+        for service in self.processors:
+            wait_ready(self.processor_ready_url(service), timeout_s, service.process)
+        wait_ready(f"{self.query_url}/readyz", timeout_s, self.sink.process)
+        wait_ready(f"{self.ingest_url}/readyz", timeout_s, self.ingest.process)
+
+    def restart(self, service: Service, timeout_s: float = 90.0) -> None:
+        service.start()
+        if service is self.ingest:
+            wait_ready(f"{self.ingest_url}/readyz", timeout_s, service.process)
+        elif service is self.sink:
+            wait_ready(f"{self.query_url}/readyz", timeout_s, service.process)
+        else:
+            wait_ready(self.processor_ready_url(service), timeout_s, service.process)
+
+    def logs(self) -> str:
+        parts = [s.log()[-3000:] for s in [self.ingest, self.sink, *self.processors] if s is not None]
+        return "\n-----\n".join(parts)
+
+    def stop(self) -> None:
+        for service in [self.ingest, *self.processors, self.sink]:
+            if service is not None:
+                service.stop(30)
+        if self.broker is not None:
+            self.broker.stop()
