@@ -1,0 +1,473 @@
+"""The production deployment (docker-compose.yml, deploy/) checked against the package, without Docker.
+
+The compose file must be valid; every Meterstream service must run a real ``meterstream`` subcommand whose
+settings parse from exactly the environment compose gives it, with values that agree across services;
+ports are bound to 127.0.0.1, dependencies wait for health, images are pinned; the Grafana dashboard's SQL
+runs on ClickHouse against the real schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings
+
+from meterstream.cli import _parser
+from schemas.settings import ClickHouseSettings, IngestSettings, ProcessorSettings, QuerySettings, SinkSettings
+from sinks.clickhouse.connection import ClickHouse
+from sinks.clickhouse.schema import migrate
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "meterstream-usage.json"
+
+#: The settings class each subcommand reads (see meterstream/cli.py).
+SETTINGS: dict[str, type[BaseSettings]] = {
+    "ingest": IngestSettings,
+    "processor": ProcessorSettings,
+    "sink": SinkSettings,
+    "query": QuerySettings,
+    "topics": ProcessorSettings,
+    "migrate": SinkSettings,
+}
+#: The settings blocks each subcommand uses (the others keep their defaults, unused).
+USES: dict[str, set[str]] = {
+    "ingest": {"kafka", "topics"},
+    "processor": {"kafka", "topics"},
+    "sink": {"kafka", "topics", "clickhouse"},
+    "query": {"clickhouse"},
+    "topics": {"kafka", "topics"},
+    "migrate": {"clickhouse"},
+}
+#: Subcommands serving HTTP on settings.host:settings.port.
+HTTP_COMMANDS = {"ingest", "sink", "query"}
+HEALTH_CONDITIONS = {"service_healthy", "service_completed_successfully"}
+_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<named>\w+))")
+
+
+# -- the compose file, resolved ----------------------------------------------------------------------------
+
+
+def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
+    """Compose's variable substitution (``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+    ``${VAR:?error}``, ``$$``) applied to every string of a loaded compose file."""
+    if isinstance(value, dict):
+        return {key: _interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["named"]
+        op, arg = match["op"] or "", match["arg"] or ""
+        unset = name not in env or (op.startswith(":") and env[name] == "")
+        if not unset:
+            return env[name]
+        if op.endswith("?"):
+            raise ValueError(f"required variable {name} is not set: {arg}")
+        return arg if op.endswith("-") else ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+@cache
+def own_resolution() -> dict[str, Any]:
+    """The compose file as compose sees it with no variable set: YAML anchors and merge keys resolved by
+    PyYAML, then variables substituted with their defaults."""
+    return _interpolate(yaml.safe_load(COMPOSE.read_text()), {})
+
+
+@cache
+def docker_compose_resolution() -> dict[str, Any] | None:
+    """``docker-compose config`` (anchors, merges, defaults), or None without the binary."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.env"  # no .env file, no variable: every default
+        empty.write_text("")
+        result = subprocess.run(
+            [binary, "--env-file", str(empty), "-f", str(COMPOSE), "--profile", "grafana", "config"],
+            cwd=ROOT,
+            env={"PATH": os.environ["PATH"], "HOME": tmp},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    loaded: dict[str, Any] = yaml.safe_load(result.stdout)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    resolved = docker_compose_resolution() or own_resolution()
+    return dict(resolved["services"])
+
+
+def environment(service: Mapping[str, Any]) -> dict[str, str]:
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) if "=" in item else (item, None) for item in raw)
+    return {key: _env_value(value) for key, value in raw.items() if value is not None}
+
+
+def _env_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def meterstream_services(services: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services running the image built from deploy/Dockerfile."""
+    return {name: s for name, s in services.items() if s.get("build")}
+
+
+def command(service: Mapping[str, Any]) -> list[str]:
+    raw = service["command"]
+    return raw.split() if isinstance(raw, str) else [str(part) for part in raw]
+
+
+def published_ports(service: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(host ip, host port, container port) of every published port."""
+    out = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            out.append((port.get("host_ip", ""), str(port.get("published", "")), str(port["target"])))
+            continue
+        parts = str(port).split("/")[0].split(":")  # [[host_ip:]host_port:]container_port
+        out.append((parts[0] if len(parts) == 3 else "", parts[-2] if len(parts) > 1 else "", parts[-1]))
+    return out
+
+
+def load_settings(name: str, env: Mapping[str, str]) -> BaseSettings:
+    """What ``meterstream <name>`` reads from this environment (and from nothing else)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [key for key in os.environ if key.startswith("METERSTREAM_")]:
+            patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        return SETTINGS[name](_env_file=None)
+
+
+def unknown_variables(cls: type[BaseSettings], env: Mapping[str, str]) -> list[str]:
+    """METERSTREAM_* variables this class would silently ignore: another prefix or no such field."""
+    prefix = str(cls.model_config["env_prefix"])
+    delimiter = str(cls.model_config["env_nested_delimiter"])
+    unknown = []
+    for key in env:
+        if not key.startswith("METERSTREAM_"):
+            continue
+        model: type[BaseModel] | None = cls if key.startswith(prefix) else None
+        for part in key[len(prefix) :].lower().split(delimiter):
+            field = model.model_fields.get(part) if model is not None else None
+            if field is None:
+                unknown.append(key)
+                break
+            annotation = field.annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return unknown
+
+
+@pytest.fixture(scope="module")
+def settings(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """service name -> its settings, parsed from the environment compose gives it."""
+    return {
+        name: load_settings(command(service)[0], environment(service))
+        for name, service in meterstream_services(services).items()
+    }
+
+
+# -- (a) the file is valid ---------------------------------------------------------------------------------
+
+
+def test_docker_compose_config_is_valid() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not on PATH (CI installs Debian's docker-compose in .ci/run)")
+    result = subprocess.run(
+        [binary, "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_own_resolution_agrees_with_docker_compose() -> None:
+    """The fallback used without docker-compose resolves the file exactly as docker-compose does."""
+    theirs = docker_compose_resolution()
+    if theirs is None:
+        pytest.skip("docker-compose is not on PATH (CI installs Debian's docker-compose in .ci/run)")
+    ours = own_resolution()["services"]
+    assert set(ours) == set(theirs["services"])
+    for name, service in theirs["services"].items():
+        assert environment(ours[name]) == environment(service), name
+        assert published_ports(ours[name]) == published_ports(service), name
+        assert ours[name].get("image") == service.get("image"), name
+        assert (command(ours[name]) if "command" in ours[name] else None) == (
+            command(service) if "command" in service else None
+        ), name
+
+
+# -- (b) every service runs a real command -----------------------------------------------------------------
+
+
+def test_image_entrypoint_is_the_installed_meterstream_command() -> None:
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert entrypoint is not None
+    assert json.loads(entrypoint[1]) == ["meterstream"]
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("meterstream") == "meterstream.cli:main"
+
+
+def test_every_service_command_is_a_meterstream_subcommand(services: dict[str, dict[str, Any]]) -> None:
+    parser = _parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    assert subcommands is not None
+    ours = meterstream_services(services)
+    for name, service in ours.items():
+        assert "entrypoint" not in service, f"{name} must keep the image's entrypoint (meterstream)"
+        argv = command(service)
+        assert argv[0] in subcommands, f"{name}: {argv[0]!r} is not a meterstream subcommand"
+        assert parser.parse_args(argv).command == argv[0]
+    # Every process of a deployment is there, the one-shot initialisation included.
+    assert {command(s)[0] for s in ours.values()} == set(SETTINGS)
+
+
+# -- (c) settings parse from the environment compose gives, and agree --------------------------------------
+
+
+def test_no_variable_is_silently_ignored(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in meterstream_services(services).items():
+        cls = SETTINGS[command(service)[0]]
+        assert unknown_variables(cls, environment(service)) == [], f"{name}: not read by {cls.__name__}"
+
+
+def test_settings_point_at_the_compose_kafka_and_clickhouse(
+    services: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    kafka = environment(services["kafka"])
+    assert "PLAINTEXT://kafka:9092" in kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    clickhouse = environment(services["clickhouse"])
+    for name, s in settings.items():
+        uses = USES[command(services[name])[0]]
+        if "kafka" in uses:
+            assert s.kafka.bootstrap_servers == "kafka:9092", name
+        if "clickhouse" in uses:
+            ch: ClickHouseSettings = s.clickhouse
+            assert ch.dsn == "http://clickhouse:8123", name
+            assert ch.username == clickhouse["CLICKHOUSE_USER"], name
+            assert ch.password is not None, name
+            assert ch.password.get_secret_value() == clickhouse["CLICKHOUSE_PASSWORD"], name
+            assert ch.database == "meterstream", name
+            assert ch.cluster == "", name
+
+
+def test_services_agree_on_topics_partitions_and_event_type(
+    services: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    topics = {name: s.topics for name, s in settings.items() if "topics" in USES[command(services[name])[0]]}
+    assert set(topics) == {"init-topics", "ingest", "processor", "sink"}
+    assert len({t.model_dump_json() for t in topics.values()}) == 1, topics
+    assert topics["processor"].partitions == 12
+    assert topics["processor"].events == "meterstream.events"
+    event_types = {s.usage_event_type for name, s in settings.items() if name not in {"init-topics", "init-schema"}}
+    assert event_types == {"llm.usage"}
+    assert settings["processor"].group_id != settings["sink"].group_id
+
+
+def test_http_services_listen_on_all_interfaces_at_their_published_port(
+    services: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    for name, s in settings.items():
+        service = services[name]
+        if command(service)[0] in HTTP_COMMANDS:
+            assert s.host == "0.0.0.0", name
+            assert [container for _, _, container in published_ports(service)] == [str(s.port)], name
+            assert f"127.0.0.1:{s.port}/readyz" in " ".join(service["healthcheck"]["test"]), name
+    processor = services["processor"]
+    # Scaled with --scale: no published port; health and metrics on the network only.
+    assert published_ports(processor) == []
+    assert str(settings["processor"].metrics_port) in [str(p) for p in processor.get("expose", [])]
+    assert f"127.0.0.1:{settings['processor'].metrics_port}/readyz" in " ".join(processor["healthcheck"]["test"])
+    assert "container_name" not in processor
+
+
+# -- (d) ports, (e) dependencies, images, volumes ------------------------------------------------------------
+
+
+def test_every_published_port_is_bound_to_localhost(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for host_ip, host_port, _ in published_ports(service):
+            assert host_ip == "127.0.0.1", f"{name} publishes {host_port} on every interface"
+
+
+def test_dependencies_wait_for_health_or_completion(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        depends_on = service.get("depends_on")
+        if not depends_on:
+            continue
+        assert isinstance(depends_on, dict), f"{name}: depends_on without conditions only waits for a start"
+        for dependency, spec in depends_on.items():
+            condition = spec.get("condition")
+            assert condition in HEALTH_CONDITIONS, f"{name} -> {dependency}: {condition}"
+            target = services[dependency]
+            if condition == "service_healthy":
+                assert target.get("healthcheck", {}).get("test"), f"{dependency} has no healthcheck"
+            else:
+                assert target.get("restart") == "no", f"{dependency} is waited for to finish: a one-shot"
+
+
+def test_long_running_services_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        if service.get("restart") != "no":
+            assert service.get("healthcheck", {}).get("test"), name
+
+
+def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and "/" not in tag and tag != "latest", f"{name}: {image} is not pinned"
+        if not service.get("build"):
+            assert re.match(r"\d", tag), f"{name}: {image} should be pinned to a version"
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("ARG PYTHON_IMAGE="):
+            assert line.split("=", 1)[1] == "python:3.11-slim-bookworm"
+
+
+def test_dockerfile_is_multi_stage_and_runs_unprivileged() -> None:
+    text = DOCKERFILE.read_text()
+    assert len(re.findall(r"^FROM\s", text, re.MULTILINE)) >= 2
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert "[local" not in text, "the image must not install the bundled broker"
+
+
+def test_state_lives_in_named_volumes(services: dict[str, dict[str, Any]]) -> None:
+    declared = set((own_resolution().get("volumes") or {}).keys())
+    for name in ("kafka", "clickhouse"):
+        sources = [str(v).split(":")[0] if not isinstance(v, dict) else v["source"] for v in services[name]["volumes"]]
+        assert any(source in declared for source in sources), name
+    for name, service in services.items():
+        for volume in service.get("volumes") or []:
+            source = str(volume).split(":")[0] if not isinstance(volume, dict) else str(volume["source"])
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name}: volume {source} is not declared"
+            else:
+                assert (ROOT / source).exists() or Path(source).exists(), f"{name}: {source} does not exist"
+
+
+# -- Grafana ---------------------------------------------------------------------------------------------------
+
+
+def test_grafana_is_an_optional_profile_wired_to_its_provisioning(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    assert grafana["profiles"] == ["grafana"]
+    assert "grafana-clickhouse-datasource" in environment(grafana)["GF_INSTALL_PLUGINS"]
+    assert not any("grafana" in (s.get("depends_on") or {}) for s in services.values())
+
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "clickhouse.yaml").read_text())
+    datasource = datasources["datasources"][0]
+    assert datasource["type"] == "grafana-clickhouse-datasource"
+    assert datasource["jsonData"]["host"] == "clickhouse"
+    env = environment(grafana)
+    for variable in re.findall(r"\$(\w+)", json.dumps(datasource)):
+        assert variable in env, f"the datasource reads ${variable}, which grafana's environment lacks"
+
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "meterstream.yaml").read_text())
+    mounts = [str(v) for v in grafana["volumes"]]
+    assert any(m.split(":")[1] == providers["providers"][0]["options"]["path"] for m in mounts)
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == datasource["uid"], panel["title"]
+            assert "subject != ''" in target["rawSql"], f"{panel['title']}: offset markers must be excluded"
+
+
+def _render(sql: str, database: str, start: datetime, end: datetime, top: int) -> str:
+    """The dashboard's SQL as the ClickHouse datasource plugin sends it (its macros, Grafana's variables)."""
+    since, until = f"toDateTime({int(start.timestamp())})", f"toDateTime({int(end.timestamp())})"
+    sql = re.sub(r"\$__timeFilter\((\w+)\)", rf"\1 >= {since} AND \1 <= {until}", sql)
+    sql = sql.replace("$__fromTime", since).replace("$__toTime", until)
+    sql = sql.replace("${db}", database).replace("${top}", str(top))
+    assert "$" not in sql, sql
+    return sql
+
+
+@pytest.fixture
+def usage_ch(clickhouse_settings: ClickHouseSettings) -> Iterator[ClickHouse]:
+    ch = ClickHouse(clickhouse_settings)
+    migrate(ch)
+    yield ch
+    ch.client().command(f"DROP DATABASE IF EXISTS `{ch.database}`")
+
+
+def test_dashboard_queries_run_on_the_schema(usage_ch: ClickHouse) -> None:
+    day = datetime(2025, 3, 30, 12, 0, tzinfo=UTC)
+    columns = ["subject", "window_start", "provider", "model", "requests", "total_tokens", "cost_usd"]
+    rows = [
+        ["alice", day, "openai", "gpt-4o", 3, 3000, Decimal("0.300000000000000001")],
+        ["alice", day + timedelta(days=2), "openai", "gpt-4o", 1, 1000, Decimal("0.1")],
+        ["bob", day, "anthropic", "claude", 2, 5000, Decimal("0.05")],
+        ["carol", day + timedelta(days=1), "openai", "gpt-4o-mini", 1, 100, Decimal("0.001")],
+    ]
+    client = usage_ch.client()
+    client.insert("usage_windows", rows, column_names=columns)
+    # An offset marker (not a user): must not show up anywhere.
+    client.command(
+        "INSERT INTO usage_windows (subject, window_start, src_topic, src_partition, applied_offset) "
+        "VALUES ('', 0, 'topic-id', 0, 41)"
+    )
+    panels = {p["title"]: p["targets"][0]["rawSql"] for p in json.loads(DASHBOARD.read_text())["panels"]}
+
+    def run(title: str) -> list[tuple[Any, ...]]:
+        sql = _render(panels[title], usage_ch.database, day - timedelta(days=1), day + timedelta(days=7), top=2)
+        return [tuple(row) for row in client.query(sql).result_rows]
+
+    for title in panels:
+        run(title)  # every panel's query is valid
+    assert run("Cost") == [(pytest.approx(0.451),)]
+    assert run("Tokens") == [(9100,)]
+    assert run("Active users") == [(3,)]
+    top = run("Top users by cost")
+    assert [row[0] for row in top] == ["alice", "bob"]
+    assert top[0][1:5] == (4, 0, 0, 4000)
+    daily = run("Cost per user per day (top ${top})")
+    assert {row[1] for row in daily} == {"alice", "bob"}  # the top 2 by cost, never the marker
+    assert [(row[0].date(), row[1]) for row in daily] == [
+        (day.date(), "alice"),
+        (day.date(), "bob"),
+        ((day + timedelta(days=2)).date(), "alice"),
+    ]
+    monthly_tokens = run("Tokens per user per month (top ${top})")
+    assert [(row[0].month, row[1], row[2]) for row in monthly_tokens] == [
+        (3, "alice", 3000),
+        (3, "bob", 5000),
+        (4, "alice", 1000),
+    ]
+    per_month = run("Cost and tokens per user per month")
+    assert [(row[0], row[1]) for row in per_month] == [
+        ("2025-04", "alice"),
+        ("2025-03", "alice"),
+        ("2025-03", "bob"),
+        ("2025-03", "carol"),
+    ]
