@@ -32,20 +32,19 @@ class EventProducer:
     def __init__(self, config: dict[str, str], topic: str, timeout_ms: int, linger_ms: int) -> None:
         self._topic = topic
         self._timeout_s = timeout_ms / 1000
-        self._producer = Producer(
-            config
-            | {
-                "acks": "all",
-                "enable.idempotence": "true",
-                "linger.ms": str(linger_ms),
-                # Failing here is what turns into a 503; the request itself waits a little longer.
-                "message.timeout.ms": str(timeout_ms),
-                "message.max.bytes": str(4 * 1024 * 1024),
-                "queue.buffering.max.kbytes": str(512 * 1024),
-                "error_cb": self._on_error,
-                "logger": logging.getLogger("librdkafka.producer"),
-            }
-        )
+        self._config: dict[str, Any] = config | {
+            "acks": "all",
+            "enable.idempotence": "true",
+            "linger.ms": str(linger_ms),
+            # Failing here is what turns into a 503; the request itself waits a little longer.
+            "message.timeout.ms": str(timeout_ms),
+            "message.max.bytes": str(4 * 1024 * 1024),
+            "queue.buffering.max.kbytes": str(512 * 1024),
+            "error_cb": self._on_error,
+            "logger": logging.getLogger("librdkafka.producer"),
+        }
+        self._fatal = False
+        self._producer = Producer(self._config)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="ingest-producer-poll", daemon=True)
         self._thread.start()
@@ -55,6 +54,18 @@ class EventProducer:
 
     def _on_error(self, error: KafkaError) -> None:
         log.warning("kafka producer: %s", error)
+        if error.fatal():
+            # E.g. fenced after its messages timed out during a broker outage: an idempotent producer
+            # cannot continue after a fatal error; the next request gets a fresh one.
+            self._fatal = True
+
+    def _renew_if_broken(self) -> None:
+        if not self._fatal:
+            return
+        log.warning("kafka producer: replacing the producer after a fatal error")
+        old, self._producer, self._fatal = self._producer, Producer(self._config), False
+        old.purge()
+        old.flush(0)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -77,11 +88,14 @@ class EventProducer:
         """
         if not records:
             return
+        self._renew_if_broken()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[None]] = []
 
         def callback(future: asyncio.Future[None]) -> Any:
             def on_delivery(error: KafkaError | None, message: Message) -> None:
+                if error is not None and (error.fatal() or error.code() in _PRODUCER_STATE_LOST):
+                    self._fatal = True
                 if error is None:
                     partition, offset = message.partition(), message.offset()
                     if offset > self.acknowledged.get(partition, -1):
@@ -126,6 +140,21 @@ class EventProducer:
         self._stop.set()
         self._thread.join(timeout=2)
         return remaining
+
+
+#: Delivery errors after which an idempotent producer keeps failing (its producer id / epoch is no longer
+#: accepted, e.g. after a broker outage): replace it rather than answer 503 forever.
+_PRODUCER_STATE_LOST = frozenset(
+    {
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        KafkaError._FENCED,
+        KafkaError._FATAL,
+    }
+)
 
 
 def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
