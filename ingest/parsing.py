@@ -145,7 +145,11 @@ def _field_errors(exc: ValidationError, *, batch: bool) -> list[FieldError]:
         field = ".".join(str(part) for part in loc) or "body"
         message = error["msg"]
         if error["type"] == "string_pattern_mismatch":
-            message = "must not contain control characters"
+            message = (
+                "must be application/json: an event's data is JSON over HTTP"
+                if field == "datacontenttype"
+                else "must not contain control characters"
+            )
         elif error["type"] == "json_invalid":
             message = f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}"
         errors.append(FieldError(field, message, index))

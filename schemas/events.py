@@ -34,7 +34,8 @@ class CloudEvent(BaseModel):
     type: _text(256)  # type: ignore[valid-type]
     subject: _text(256)  # type: ignore[valid-type]
     time: Annotated[AwareDatetime, Strict()] | None = None
-    datacontenttype: Annotated[str, Strict()] | None = None
+    #: Over HTTP the data is JSON (as OpenMeter requires); a charset parameter is fine.
+    datacontenttype: Annotated[str, Strict(), Field(pattern=r"(?i)^application/json\s*(;.*)?$")] | None = None
     dataschema: Annotated[str, Strict()] | None = None
     data: dict[str, Any] | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final
@@ -46,14 +47,15 @@ class Problem(MeterstreamError):
         Exception.__init__(self, self.detail)
 
     def to_dict(self, instance: str | None = None) -> dict[str, Any]:
+        """The problem+json body. ``instance`` identifies this occurrence (a fresh URN by default), so a
+        client's report can be matched with the server's log line."""
         body: dict[str, Any] = {
             "type": "about:blank",
             "title": HTTPStatus(self.status).phrase,
             "status": self.status,
             "detail": self.detail,
+            "instance": instance or f"urn:uuid:{uuid.uuid4()}",
         }
-        if instance:
-            body["instance"] = instance
         if self.errors:
             body["errors"] = [e.to_dict() for e in self.errors]
         return body

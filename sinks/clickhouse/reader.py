@@ -20,6 +20,15 @@ from sinks.clickhouse.connection import ClickHouse
 Sql = tuple[str, dict[str, Any]]
 
 MINUTE: Final = timedelta(minutes=1)
+#: The range every stored time lies in (events before 1970 are refused; DateTime ends in 2106). Query
+#: bounds outside it select the same rows as bounds at its ends, and the engine cannot parse them all.
+EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST: Final = datetime(2106, 1, 1, tzinfo=UTC)
+
+
+def _bounded(t: datetime | None) -> datetime | None:
+    return None if t is None else min(max(t, EARLIEST), LATEST)
+
 
 #: What one audit-log row contributes to each meter's column.
 _EVENT_VALUE: Final[Mapping[str, str]] = {
@@ -80,7 +89,7 @@ def meter_query_sql(query: MeterQuery) -> Sql:
     params: dict[str, Any] = {"tz": query.time_zone}
     column = query.meter.column
     filters = _filters(query, params)
-    start, end = query.start, query.end
+    start, end = _bounded(query.start), _bounded(query.end)
     whole_from = _ceil_minute(start) if start else None
     whole_to = _floor_minute(end) if end else None
     parts: list[str] = []
@@ -135,10 +144,10 @@ def meter_query_sql(query: MeterQuery) -> Sql:
 
 
 def list_events_sql(f: EventFilter) -> Sql:
-    params: dict[str, Any] = {"start": f.start, "limit": f.limit}
+    params: dict[str, Any] = {"start": _bounded(f.start), "limit": f.limit}
     where = ["time >= {start:DateTime64(6, 'UTC')}"]
     if f.end is not None:
-        params["end"] = f.end
+        params["end"] = _bounded(f.end)
         where.append("time < {end:DateTime64(6, 'UTC')}")
     if f.subject is not None:
         params["subject"] = f.subject
@@ -185,6 +194,7 @@ def reconcile_sql(start: datetime, end: datetime) -> Sql:
         "GROUP BY subject, provider, model, window_start) AS b USING (subject, provider, model, window_start) "
         f"WHERE {differs} ORDER BY window_start, subject, provider, model"
     )
+    start, end = _bounded(start) or EARLIEST, _bounded(end) or LATEST
     return sql, {"start": start, "end": end, "start_s": start, "end_s": end}
 
 
