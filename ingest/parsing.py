@@ -81,6 +81,11 @@ def parse_request(headers: Mapping[str, str], body: bytes, policy: IngestPolicy,
 
 
 def _validate_one(body: bytes) -> CloudEvent:
+    # orjson first: it holds to RFC 8259 (no NaN or Infinity literals), which pydantic's parser does not.
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not valid JSON: {exc}") from None
     try:
         return CLOUD_EVENT.validate_json(body)
     except ValidationError as exc:
