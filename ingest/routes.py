@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingest.producer import BrokerUnavailable
-from ingest.service import REJECTED, IngestService
+from ingest.service import REASONS, REJECTED, IngestService
 from schemas.problems import PROBLEM_JSON, Problem
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,11 @@ def ingest_routes(service: IngestService, max_body_bytes: int) -> list[Route]:
             body = await _read_body(request, max_body_bytes)
             await service.ingest(request.headers, body)
         except Problem as problem:
+            REJECTED.labels(REASONS.get(problem.status, str(problem.status))).inc()
             return problem_response(problem)
         except BrokerUnavailable as exc:
             log.warning("ingest: answering 503: %s", exc)
-            REJECTED.labels("503").inc()
+            REJECTED.labels(REASONS[503]).inc()
             return problem_response(
                 Problem(
                     503,

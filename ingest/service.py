@@ -10,7 +10,6 @@ from typing import Protocol
 from prometheus_client import Counter, Histogram
 
 from ingest.parsing import IngestPolicy, parse_request
-from schemas.problems import Problem
 from schemas.recent import RecentKeys
 from schemas.records import RECORD_VERSION, AcceptedEvent, EventsRecord, encode
 from schemas.settings import IngestSettings
@@ -19,7 +18,9 @@ from schemas.topics import partition_for
 log = logging.getLogger(__name__)
 
 ACCEPTED = Counter("meterstream_ingest_events_accepted_total", "Events accepted (answered 204)")
-REJECTED = Counter("meterstream_ingest_requests_rejected_total", "Requests rejected", ["status"])
+REJECTED = Counter("meterstream_ingest_requests_rejected_total", "Requests rejected", ["reason"])
+#: Rejection reasons by HTTP status, for the metric.
+REASONS = {400: "invalid", 413: "too_large", 415: "unsupported_media_type", 503: "broker_unavailable"}
 DUPLICATES = Counter(
     "meterstream_ingest_duplicates_total",
     "Events dropped at ingest as already acknowledged (same source, id)",
@@ -62,15 +63,11 @@ class IngestService:
         """Validate and produce one request's events; returns how many were new.
 
         Raises:
-            Problem: 4xx for invalid input.
+            schemas.problems.Problem: 4xx for invalid input.
             BrokerUnavailable: nothing can be promised; the caller answers 503.
         """
         now = self._clock()
-        try:
-            events = parse_request(headers, body, self._policy, now)
-        except Problem as problem:
-            REJECTED.labels(str(problem.status)).inc()
-            raise
+        events = parse_request(headers, body, self._policy, now)
         fresh = self._drop_known(events)
         partitions = self._producer.partitions()
         grouped: dict[int, list[AcceptedEvent]] = {}
