@@ -1,0 +1,153 @@
+"""What the sync and async clients share: configuration, ``emit`` and the buffer policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Literal
+
+from meterstream_client._delivery import DeliveryStats, DroppedEvent, Item, Outbox, RetryPolicy
+from meterstream_client._events import DEFAULT_EVENT_TYPE, build_event, check_text, default_source, encode_event
+
+#: Meterstream's own request limits (413 above them).
+SERVER_MAX_EVENTS = 1000
+SERVER_MAX_BYTES = 1024 * 1024
+
+FullPolicy = Literal["drop", "raise"]
+
+
+class BufferFullError(RuntimeError):
+    """Raised by ``emit`` when the buffer is full and the client was created with ``on_full="raise"``."""
+
+
+class BaseClient:
+    """Configuration and the emitting side of a Meterstream client (see MeterstreamClient for the options)."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8888",
+        *,
+        source: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        max_batch_events: int = 250,
+        max_batch_bytes: int = 512 * 1024,
+        flush_interval: float = 0.5,
+        max_buffer: int = 50_000,
+        full_timeout: float = 0.1,
+        on_full: FullPolicy = "drop",
+        retry: RetryPolicy | None = None,
+        on_drop: Callable[[DroppedEvent], None] | None = None,
+        exit_timeout: float = 10.0,
+        event_type: str = DEFAULT_EVENT_TYPE,
+    ) -> None:
+        if not 1 <= max_batch_events <= SERVER_MAX_EVENTS:
+            raise ValueError(f"max_batch_events must be from 1 to {SERVER_MAX_EVENTS}")
+        if not 1024 <= max_batch_bytes <= SERVER_MAX_BYTES:
+            raise ValueError(f"max_batch_bytes must be from 1024 to {SERVER_MAX_BYTES}")
+        if on_full not in ("drop", "raise"):
+            raise ValueError("on_full must be 'drop' or 'raise'")
+        if timeout <= 0 or flush_interval < 0 or full_timeout < 0 or exit_timeout < 0:
+            raise ValueError("timeouts and intervals must not be negative")
+        self.base_url = base_url.rstrip("/")
+        self.source = check_text("source", source, 1024) if source is not None else default_source()
+        self._headers = dict(headers or {})
+        self._timeout = timeout
+        self._max_batch_events = max_batch_events
+        self._max_batch_bytes = max_batch_bytes
+        self._flush_interval = flush_interval
+        self._full_timeout = full_timeout
+        self._on_full: FullPolicy = on_full
+        self._retry = retry or RetryPolicy()
+        self._on_drop = on_drop
+        self._exit_timeout = exit_timeout
+        self._event_type = check_text("event_type", event_type, 256)
+        self._outbox = Outbox(max_buffer, on_drop)
+
+    def emit(
+        self,
+        subject: str,
+        provider: str,
+        model: str,
+        usage: object = None,
+        *,
+        counts: Mapping[str, int] | None = None,
+        api: str | None = None,
+        service_tier: str | None = None,
+        batch: bool | None = None,
+        time: datetime | None = None,
+        event_id: str | None = None,
+        extra_data: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Queue the usage of one LLM call for delivery; return its event id, or None if it was dropped.
+
+        Never does network I/O: the event is validated, encoded and put in the buffer, and sent in the
+        background (batched, retried until Meterstream acknowledges it).
+
+        Args:
+            subject: the end user the usage is attributed to (1-256 printable characters).
+            provider: ``openai``, ``anthropic``, ``google``, ``aws``, ... (as Meterstream / genai-prices
+                know them).
+            model: the model as the provider's response names it.
+            usage: the provider's usage object, verbatim (a dict or the SDK's pydantic model, e.g.
+                ``response.usage``); Meterstream normalises it.
+            counts: instead of ``usage``, canonical counts: ``input_tokens`` (including cache reads and
+                writes), ``output_tokens`` (including reasoning), ``cache_read_tokens``,
+                ``cache_write_tokens``, ``reasoning_tokens``.
+            api: for OpenAI, ``chat`` or ``responses`` (detected from the usage shape when omitted).
+            service_tier: the tier the provider reports (``flex``, ``priority``, ...): selects the price.
+            batch: True for batch-API calls (batch prices).
+            time: when the call was made (timezone-aware); now by default.
+            event_id: the CloudEvent id; a new UUID4 by default. Reusing an id (with the same source) makes
+                Meterstream count the event once.
+            extra_data: further ``data`` fields (e.g. ``{"speed": "fast"}``).
+
+        Raises:
+            ValueError, TypeError: the event is invalid (Meterstream would reject it).
+            BufferFullError: the buffer stayed full for ``full_timeout`` and ``on_full="raise"``.
+            RuntimeError: the client is closed.
+        """
+        event = build_event(
+            subject=subject,
+            provider=provider,
+            model=model,
+            usage=usage,
+            counts=counts,
+            source=self.source,
+            event_type=self._event_type,
+            time=time,
+            event_id=event_id,
+            api=api,
+            service_tier=service_tier,
+            batch=batch,
+            extra_data=extra_data,
+        )
+        body = encode_event(event)
+        if len(body) + 2 > self._max_batch_bytes:
+            raise ValueError(f"the event is {len(body)} bytes, more than max_batch_bytes ({self._max_batch_bytes})")
+        item = Item(event["id"], body)
+        self._before_offer()
+        if self._outbox.offer(item, self._room_wait()):
+            self._after_offer()
+            return item.id
+        if self._on_full == "raise":
+            raise BufferFullError(f"the Meterstream buffer is full ({self._outbox.capacity} events)")
+        self._outbox.drop_full(item)
+        return None
+
+    @property
+    def stats(self) -> DeliveryStats:
+        """Delivery counters: emitted, delivered, dropped, rejected, retries, pending."""
+        return self._outbox.stats()
+
+    # Hooks for the sync and async clients.
+
+    def _before_offer(self) -> None:
+        """Make sure a sender is running."""
+
+    def _room_wait(self) -> float:
+        """How long ``emit`` may wait for room in a full buffer."""
+        return 0.0
+
+    def _after_offer(self) -> None:
+        """Wake the sender if it needs waking."""
