@@ -1,0 +1,773 @@
+"""The benchmark scenarios. Each takes the sizes and a work directory and returns table rows.
+
+Every measured Meterstream process is its own OS process (the production topology, see bench/stack.py);
+load generators and pre-fillers run in processes of their own and report their CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.baselines import altvenv, postgres
+from bench.common import ProcessSampler, Row, log, ms, percentile, usage_dict
+from bench.events import body_templates
+from bench.loadgen import Load, LoadResult, LoadSpec, run_load
+from bench.prefill import Prefill, PrefillSpec
+from bench.stack import BenchStack, bench_stack
+
+BASELINES = Path(__file__).resolve().parent / "baselines"
+EVENTS_TOPIC = "meterstream.events"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario runs (``FULL`` or ``SMOKE``; options override single fields)."""
+
+    ingest_batches: tuple[int, ...] = (1, 100, 1000)
+    ingest_concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    ingest_seconds: float = 5.0
+    ingest_warmup_s: float = 1.0
+    #: Single-event requests per second for the latency target.
+    latency_rate: float = 1000.0
+    latency_seconds: float = 15.0
+    tutorial_ingest_seconds: float = 10.0
+    processing_events: int = 1_000_000
+    quix_events: int = 200_000
+    freshness_seconds: float = 60.0
+    freshness_events_per_s: float = 2000.0
+    query_events: int = 10_000_000
+    query_subjects: int = 10_000
+    query_days: int = 30
+    query_runs: int = 100
+    top_runs: int = 50
+    tutorial_query_events: int = 10_000_000
+    tutorial_top_runs: int = 10
+    soak_minutes: float = 10.0
+    soak_events_per_s: float = 2000.0
+
+
+FULL = Sizes()
+SMOKE = Sizes(
+    ingest_concurrency=(1, 4),
+    ingest_seconds=1.0,
+    ingest_warmup_s=0.3,
+    latency_rate=200.0,
+    latency_seconds=2.0,
+    tutorial_ingest_seconds=1.0,
+    processing_events=20_000,
+    quix_events=2_000,
+    freshness_seconds=8.0,
+    freshness_events_per_s=500.0,
+    query_events=100_000,
+    query_subjects=500,
+    query_runs=10,
+    top_runs=10,
+    tutorial_query_events=100_000,
+    tutorial_top_runs=3,
+    soak_minutes=0.2,
+    soak_events_per_s=500.0,
+)
+
+
+def _tutorial(python: Path | str, *args: str, timeout_s: float = 1800) -> dict[str, Any]:
+    """Run bench/baselines/tutorial.py and return its JSON answer."""
+    out = subprocess.run(
+        [str(python), str(BASELINES / "tutorial.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _postgres_python() -> Path | None:
+    """The interpreter for the PostgreSQL baseline, or None (logged) if it cannot run here."""
+    if not postgres.available():
+        log("PostgreSQL is not installed: its baseline is skipped")
+        return None
+    python = altvenv.python()
+    if python is None or not altvenv.has_module(python, "psycopg"):
+        log("psycopg is not available: the PostgreSQL baseline is skipped")
+        return None
+    return python
+
+
+# -- 1. ingest ----------------------------------------------------------------------------------------
+
+
+def _events_file(path: Path, count: int) -> Path:
+    """CloudEvents, one JSON per line, the same generator as the load (for the tutorial's ingest)."""
+    templates = body_templates(min(count, 2000), 1, subjects=1000, seed=3)
+    with path.open("wb") as f:
+        for i in range(count):
+            f.write(templates[i % len(templates)].render([b"tut-%d" % i]) + b"\n")
+    return path
+
+
+def ingest(sizes: Sizes, work: Path) -> list[Row]:
+    stack = bench_stack(work / "ingest")
+    stack.start_broker()
+    stack.start_ingest()
+    grid: list[dict[str, Any]] = []
+    try:
+        for batch in sizes.ingest_batches:
+            for concurrency in sizes.ingest_concurrency:
+                spec = LoadSpec(
+                    "127.0.0.1",
+                    stack.ingest_port,
+                    batch,
+                    concurrency,
+                    sizes.ingest_seconds,
+                    workers=1 if concurrency < 16 else 2,
+                    warmup_s=sizes.ingest_warmup_s,
+                    id_prefix=f"i{batch}c{concurrency}-",
+                )
+                sampler = ProcessSampler(stack.pids()).start()
+                result = run_load(spec)
+                cell = _cell(batch, concurrency, result, sampler.stop())
+                grid.append(cell)
+                log(
+                    f"ingest {batch:>4}/request c={concurrency:<2} {cell['events_per_s']:>9,.0f} events/s "
+                    f"p50 {cell['p50_ms']:.2f} ms p99 {cell['p99_ms']:.2f} ms  ingest CPU "
+                    f"{cell['processes']['ingest']['cpu_cores']:.2f}  client CPU {cell['client_cpu_cores']:.2f}"
+                )
+        rate_spec = LoadSpec(
+            "127.0.0.1",
+            stack.ingest_port,
+            1,
+            64,
+            sizes.latency_seconds,
+            rate=sizes.latency_rate,
+            workers=1,
+            warmup_s=sizes.ingest_warmup_s,
+            id_prefix="rate-",
+        )
+        sampler = ProcessSampler(stack.pids()).start()
+        rate = _cell(1, 64, run_load(rate_spec), sampler.stop())
+        log(
+            f"ingest single events at {sizes.latency_rate:,.0f} requests/s: achieved {rate['requests_per_s']:,.0f}/s, "
+            f"p50 {rate['p50_ms']:.2f} ms, p99 {rate['p99_ms']:.2f} ms"
+        )
+    finally:
+        stack.stop()
+
+    events = _events_file(work / "tutorial-events.jsonl", 200_000 if sizes is FULL else 5_000)
+    baselines: dict[str, dict[str, Any]] = {}
+    sqlite_db = work / "tutorial-ingest.db"
+    baselines["SQLite"] = _tutorial(
+        sys.executable, "ingest", "--db", "sqlite", "--target", str(sqlite_db), "--events", str(events),
+        "--seconds", str(sizes.tutorial_ingest_seconds),
+    )  # fmt: skip
+    log(f"tutorial SQLite ingest: {baselines['SQLite']}")
+    pg_python = _postgres_python()
+    if pg_python is not None:
+        try:
+            server = postgres.PostgresServer.start()
+            try:
+                baselines["PostgreSQL"] = _tutorial(
+                    pg_python, "ingest", "--db", "postgres", "--target", server.dsn, "--events", str(events),
+                    "--seconds", str(sizes.tutorial_ingest_seconds),
+                )  # fmt: skip
+                log(f"tutorial PostgreSQL ingest: {baselines['PostgreSQL']}")
+            finally:
+                server.stop()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            log(f"PostgreSQL baseline skipped: {exc}")
+
+    rows = []
+    for batch in sizes.ingest_batches:
+        cells = [c for c in grid if c["batch"] == batch]
+        best = max(cells, key=lambda c: c["events_per_s"])
+        for name, base in baselines.items():
+            rows.append(
+                Row(
+                    "ingest",
+                    f"events/s, {batch}/request (best: c={best['concurrency']}) vs {name} commit/event",
+                    "events/s",
+                    best["events_per_s"],
+                    base["events_per_s"],
+                    f"{name} tutorial",
+                    target=">= 100,000" if batch >= 100 else "",
+                    met=best["events_per_s"] >= 100_000 if batch >= 100 else None,
+                    details={"grid": cells, "baseline": base},
+                )
+            )
+    for name, base in baselines.items():
+        rows.append(
+            Row(
+                "ingest",
+                f"p99 latency, 1 event at {sizes.latency_rate:,.0f} req/s vs {name} commit",
+                "ms",
+                rate["p99_ms"],
+                base["p99_ms"],
+                f"{name} tutorial",
+                higher_is_better=False,
+                target="< 10 ms",
+                met=rate["p99_ms"] < 10 and rate["requests_per_s"] >= 0.98 * sizes.latency_rate,
+                details={"rate": rate},
+            )
+        )
+    rows.append(
+        Row(
+            "ingest",
+            f"p50 latency, 1 event at {sizes.latency_rate:,.0f} req/s",
+            "ms",
+            rate["p50_ms"],
+            baselines["SQLite"]["p50_ms"],
+            "SQLite tutorial",
+            higher_is_better=False,
+        )
+    )
+    best_batch = max(grid, key=lambda c: c["events_per_s"])
+    rows.append(
+        Row(
+            "ingest",
+            f"ingest process CPU at the best batch run ({best_batch['batch']}/request, c={best_batch['concurrency']})",
+            "cores",
+            best_batch["processes"]["ingest"]["cpu_cores"],
+            details=best_batch,
+        )
+    )
+    rows.append(
+        Row("ingest", "ingest process RSS after all ingest runs", "MB", best_batch["processes"]["ingest"]["rss_mb"])
+    )
+    _print_grid([*grid, rate | {"concurrency": f"open {sizes.latency_rate:.0f}/s"}])
+    return rows
+
+
+def _cell(batch: int, concurrency: int, result: LoadResult, usage: Any) -> dict[str, Any]:
+    if result.errors:
+        log(f"load errors: {result.errors[:3]}")
+    return {
+        "batch": batch,
+        "concurrency": concurrency,
+        "events_per_s": result.events_per_s,
+        "requests_per_s": result.requests_per_s,
+        "p50_ms": ms(percentile(result.latencies_s, 50)) or 0.0,
+        "p99_ms": ms(percentile(result.latencies_s, 99)) or 0.0,
+        "failed": result.requests_failed,
+        "statuses": result.statuses,
+        "client_cpu_cores": round(result.client_cpu_cores, 3),
+        "processes": usage_dict(usage),
+    }
+
+
+def _print_grid(grid: list[dict[str, Any]]) -> None:
+    print("\nIngest grid (events/request x concurrency):")
+    print("| events/request | concurrency | events/s | requests/s | p50 ms | p99 ms | ingest CPU | broker CPU | "
+          "client CPU | ingest RSS MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c in grid:
+        p = c["processes"]
+        print(
+            f"| {c['batch']} | {c['concurrency']} | {c['events_per_s']:,.0f} | {c['requests_per_s']:,.0f} | "
+            f"{c['p50_ms']:.2f} | {c['p99_ms']:.2f} | {p['ingest']['cpu_cores']:.2f} | "
+            f"{p['broker']['cpu_cores']:.2f} | {c['client_cpu_cores']:.2f} | {p['ingest']['rss_mb']:.0f} |"
+        )
+    print()
+
+
+# -- 2. processing -------------------------------------------------------------------------------------
+
+
+def _processing_run(sizes: Sizes, work: Path, workers: int) -> tuple[dict[str, Any], BenchStack]:
+    """Sink and ``workers`` processors up and warm on an empty topic; then the topic is filled with
+    ``processing_events`` events as fast as the broker takes them, and the clock runs from the first
+    produce until the requests meter counts them all. The stack is returned running."""
+    stack = bench_stack(work / f"processing-{workers}")
+    stack.start_broker()
+    stack.start_sink()
+    stack.start_processors(workers)
+    warm = 1000
+    Prefill(PrefillSpec(stack.broker.bootstrap, EVENTS_TOPIC, warm, stack.partitions, prefix="warm")).run()
+    stack.wait_stored(warm, 120)
+    total = warm + sizes.processing_events
+    prefill = Prefill(
+        PrefillSpec(stack.broker.bootstrap, EVENTS_TOPIC, sizes.processing_events, stack.partitions)
+    ).prepare()
+    sampler = ProcessSampler(stack.pids()).start()
+    started = time.monotonic()
+    produced = prefill.go()
+    produced_at = time.monotonic()
+    processed_at: float | None = None
+    deadline = started + max(600.0, sizes.processing_events / 2000)
+    with httpx.Client() as client:
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"processing did not finish; logs:\n{stack.logs()}")
+            if processed_at is None:
+                done = sum(stack.processor_metric(p, "meterstream_processor_events_total") for p in stack.processors)
+                if done >= total:
+                    processed_at = now
+            stored = stack.stored_requests(client)
+            if stored >= total:
+                if stored > total:
+                    raise AssertionError(f"{stored} events stored, {total} sent")
+                stored_at = now
+                break
+            time.sleep(0.1)
+    usage = sampler.stop()
+    n = sizes.processing_events
+    result = {
+        "workers": workers,
+        "events": n,
+        "records": produced["records"],
+        "produce_s": produced_at - started,
+        "events_per_s_stored": n / (stored_at - started),
+        "events_per_s_processed": n / (processed_at - started) if processed_at else None,
+        "processes": usage_dict(usage),
+    }
+    log(
+        f"processing, {workers} worker(s): {result['events_per_s_stored']:,.0f} events/s to stored windows "
+        f"(processors alone {result['events_per_s_processed'] or 0:,.0f}/s; topic filled in "
+        f"{result['produce_s']:.1f}s); {result['processes']}"
+    )
+    return result, stack
+
+
+def _quix(stack: BenchStack, events: int, pricing: bool) -> dict[str, Any] | None:
+    python = altvenv.python()
+    if python is None:
+        return None
+    command = [str(python), str(BASELINES / "quix_app.py"), "--broker", stack.broker.bootstrap, "--topic",
+               EVENTS_TOPIC, "--events", str(events), "--partitions", str(stack.partitions)]  # fmt: skip
+    if not pricing:
+        command.append("--no-pricing")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = ProcessSampler({"quix": process.pid, **{k: v for k, v in stack.pids().items() if k == "broker"}}).start()
+    reports: list[dict[str, Any]] = []
+    timer = threading.Timer(max(300.0, events / 500), process.kill)
+    timer.start()
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("{"):
+            reports.append(json.loads(line))
+            if reports[-1].get("done"):
+                break
+    usage = sampler.stop()
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    timer.cancel()
+    if not reports or not reports[-1].get("done"):
+        stderr = process.stderr.read() if process.stderr else ""
+        log(f"Quix Streams baseline did not finish: {reports[-1:]} {stderr[-2000:]}")
+        return None
+    first, last = reports[0], reports[-1]
+    rate = (last["events"] - first["events"]) / max(1e-9, last["t"] - first["t"])
+    return {"events": last["events"], "events_per_s": rate, "pricing": pricing, "processes": usage_dict(usage)}
+
+
+def processing(sizes: Sizes, work: Path) -> list[Row]:
+    one, stack = _processing_run(sizes, work, 1)
+    quix: dict[str, Any] | None = None
+    quix_unpriced: dict[str, Any] | None = None
+    try:
+        for service in stack.processors:  # idle now; stopped so the baseline has the machine to itself
+            service.stop(30)
+        total = 1000 + sizes.processing_events
+        quix_events = min(total, sizes.quix_events)
+        quix = _quix(stack, quix_events, pricing=True)
+        log(f"Quix Streams (priced with genai-prices): {quix}")
+        if sizes is not SMOKE:
+            quix_unpriced = _quix(stack, quix_events, pricing=False)
+            log(f"Quix Streams (no pricing): {quix_unpriced}")
+    finally:
+        stack.stop()
+    two, stack = _processing_run(sizes, work, 2)
+    stack.stop()
+    rows = []
+    for result in (one, two):
+        workers = result["workers"]
+        per_worker = result["events_per_s_stored"] / workers
+        rows.append(
+            Row(
+                "processing",
+                f"events/s to stored windows, {workers} worker(s), priced, vs Quix (priced)",
+                "events/s",
+                result["events_per_s_stored"],
+                quix["events_per_s"] if quix else None,
+                "Quix Streams 1 app",
+                target=">= 100,000 per worker",
+                met=per_worker >= 100_000,
+                details=result,
+            )
+        )
+    rows.append(
+        Row(
+            "processing",
+            "events/s through the processor alone (into the windows topic), 1 worker, vs Quix (unpriced)",
+            "events/s",
+            one["events_per_s_processed"],
+            quix_unpriced["events_per_s"] if quix_unpriced else None,
+            "Quix Streams, no pricing",
+            details={"quix": quix, "quix_unpriced": quix_unpriced},
+        )
+    )
+    return rows
+
+
+# -- 3. freshness ----------------------------------------------------------------------------------------
+
+
+class _Probes:
+    """One event per probe, each for a subject of its own; a poller asks the query API for every probe
+    not yet visible and notes when each first appears."""
+
+    def __init__(self, stack: BenchStack) -> None:
+        self._stack = stack
+        self.sent: dict[str, float] = {}
+        self.visible: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._since = datetime.now(UTC) - timedelta(hours=1)
+
+    def send(self, client: httpx.Client, n: int) -> None:
+        subject = f"probe-{n}"
+        event = {
+            "specversion": "1.0",
+            "id": f"probe-{n}",
+            "source": "bench-probe",
+            "type": "llm.usage",
+            "subject": subject,
+            "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "data": {"provider": "openai", "model": "gpt-4o-mini", "input_tokens": 100, "output_tokens": 10},
+        }
+        response = client.post(
+            f"{self._stack.ingest_url}/api/v1/events",
+            content=orjson.dumps(event),
+            headers={"Content-Type": "application/cloudevents+json"},
+        )
+        acknowledged = time.monotonic()
+        if response.status_code == 204:
+            with self._lock:
+                self.sent[subject] = acknowledged
+
+    def poll(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                with self._lock:
+                    pending = [s for s in self.sent if s not in self.visible][:100]
+                if pending:
+                    params = [("groupBy", "subject"), ("from", self._since.isoformat().replace("+00:00", "Z"))]
+                    params += [("subject", s) for s in pending]
+                    try:
+                        response = client.get(f"{self._stack.query_url}/api/v1/meters/requests/query", params=params)
+                        seen = time.monotonic()
+                        for row in orjson.loads(response.content)["data"]:
+                            if Decimal(str(row["value"])) >= 1:
+                                with self._lock:
+                                    self.visible.setdefault(row["subject"], seen)
+                    except (httpx.HTTPError, KeyError, ValueError):
+                        pass
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _steady_load(stack: BenchStack, events_per_s: float, seconds: float, prefix: str) -> Load:
+    spec = LoadSpec(
+        "127.0.0.1",
+        stack.ingest_port,
+        100,
+        8,
+        seconds,
+        rate=events_per_s / 100,
+        workers=1,
+        warmup_s=0.0,
+        id_prefix=prefix,
+    )
+    return Load(spec).start(lead_s=0.5)
+
+
+def _full_stack(work: Path, name: str) -> BenchStack:
+    stack = bench_stack(work / name)
+    stack.start_broker()
+    stack.start_sink()
+    stack.start_processors(1)
+    stack.start_ingest()
+    return stack
+
+
+def freshness(sizes: Sizes, work: Path) -> list[Row]:
+    stack = _full_stack(work, "freshness")
+    try:
+        probes = _Probes(stack)
+        poller = threading.Thread(target=probes.poll, daemon=True)
+        poller.start()
+        load = _steady_load(stack, sizes.freshness_events_per_s, sizes.freshness_seconds, "fresh-")
+        sampler = ProcessSampler(stack.pids()).start()
+        time.sleep(1.0)
+        n = 0
+        end = time.monotonic() + sizes.freshness_seconds - 1.0
+        with httpx.Client(timeout=10) as client:
+            while time.monotonic() < end:
+                probes.send(client, n)
+                n += 1
+                time.sleep(0.1)
+        result = load.join()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(probes.visible) < len(probes.sent):
+            time.sleep(0.1)
+        probes.stop()
+        usage = sampler.stop()
+    finally:
+        stack.stop()
+    lags = [probes.visible[s] - t for s, t in probes.sent.items() if s in probes.visible]
+    details = {
+        "probes": len(probes.sent),
+        "visible": len(lags),
+        "load_events_per_s": result.events_per_s,
+        "load_p99_ms": ms(percentile(result.latencies_s, 99)),
+        "processes": usage_dict(usage),
+    }
+    log(f"freshness: {details}")
+    steady = f"at {result.events_per_s:,.0f} events/s"
+    p95 = percentile(lags, 95)
+    return [
+        Row("freshness", f"204 to visible in a query, p50, {steady}", "s", percentile(lags, 50), details=details),
+        Row(
+            "freshness",
+            f"204 to visible in a query, p95, {steady}",
+            "s",
+            p95,
+            target="<= 2 s",
+            met=p95 is not None and p95 <= 2.0 and len(lags) == len(probes.sent),
+        ),
+        Row("freshness", f"204 to visible in a query, p99, {steady}", "s", percentile(lags, 99)),
+    ]
+
+
+# -- 4. query --------------------------------------------------------------------------------------------
+
+
+def _generate_windows(path: Path, events: int, subjects: int, days: int, end_s: int) -> dict[str, Any]:
+    """In a process of its own (it owns the chDB path while it runs): the sink's schema, then
+    ``usage_windows`` rows worth ``events`` events over ``days`` days before ``end_s``, generated inside
+    ClickHouse: every subject active in ~``events / 3 / subjects / days`` random minutes a day, 1-5
+    requests per row (3 on average), one of five models of three providers, costs at list prices."""
+    from schemas.settings import ClickHouseSettings
+    from sinks.clickhouse.connection import ClickHouse
+    from sinks.clickhouse.schema import migrate
+
+    ch = ClickHouse(ClickHouseSettings(dsn=f"chdb://{path}", database="meterstream"))
+    migrate(ch)
+    client = ch.client()
+    columns = {r[0] for r in client.query("SELECT name FROM system.columns WHERE database = 'meterstream' "
+                                           "AND table = 'usage_windows'").result_rows}  # fmt: skip
+    rows = -(-events // 3)
+    start = end_s - days * 86400
+    providers = "['openai','openai','anthropic','anthropic','google']"
+    models = "['gpt-4o-mini','gpt-4o','claude-sonnet-4-20250514','claude-3-5-haiku-20241022','gemini-2.0-flash']"
+    # USD per million input / output tokens, in micro-dollars per token x 1e6 (integers).
+    price_in, price_out = "[150000, 2500000, 3000000, 800000, 100000]", "[600000, 10000000, 15000000, 4000000, 400000]"
+    cost_nano = f"(inp * {price_in}[m + 1] + outp * {price_out}[m + 1]) / 1000000"  # nano-dollars
+    if "cost_atto" in columns:
+        cost_column, cost_value = "cost_atto", f"toInt128({cost_nano}) * 1000000000"
+    else:
+        cost_column, cost_value = "cost_usd", f"toDecimal128({cost_nano}, 0) / 1000000000"
+    started = time.monotonic()
+    client.command(
+        f"""
+        INSERT INTO usage_windows (subject, window_start, provider, model, src_topic, src_partition, requests,
+            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, total_tokens,
+            {cost_column}, unpriced_requests, applied_offset)
+        SELECT concat('user-', leftPad(toString(number % {subjects}), 5, '0')),
+               toDateTime({start} + intDiv(number, {subjects}) % {days} * 86400
+                          + (cityHash64(number, 1) % 1440) * 60, 'UTC'),
+               {providers}[m + 1], {models}[m + 1], '', 0, req, inp, outp, cache, 0, 0, inp + outp,
+               {cost_value}, 0, -1
+        FROM (
+            SELECT number, cityHash64(number, 2) % 5 AS m, 1 + cityHash64(number, 3) % 5 AS req,
+                   req * (50 + cityHash64(number, 4) % 20000) AS inp, req * (1 + cityHash64(number, 5) % 4000) AS outp,
+                   intDiv(inp * (cityHash64(number, 6) % 2), 2) AS cache
+            FROM numbers({rows})
+        )
+        """,
+        settings={"max_insert_block_size": 1_000_000},
+    )
+    client.command("OPTIMIZE TABLE usage_windows FINAL")
+    stored = client.query("SELECT sum(requests), count() FROM usage_windows WHERE subject != ''").result_rows[0]
+    ch.close()
+    return {"events": int(stored[0]), "rows": int(stored[1]), "seconds": time.monotonic() - started}
+
+
+def _generate_in_process(path: Path, events: int, subjects: int, days: int, end_s: int) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        result: dict[str, Any] = pool.apply(_generate_windows, (path, events, subjects, days, end_s))
+    return result
+
+
+def _timed(client: httpx.Client, url: str, params: list[tuple[str, str]]) -> tuple[float, list[Any]]:
+    t0 = time.perf_counter()
+    response = client.get(url, params=params)
+    data = orjson.loads(response.content)
+    elapsed = time.perf_counter() - t0
+    if response.status_code != 200:
+        raise RuntimeError(f"query failed: {response.status_code} {response.text[:500]}")
+    return elapsed, data["data"]
+
+
+def query(sizes: Sizes, work: Path) -> list[Row]:
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    end_s = int(today.timestamp())
+    base = work / "query"
+    base.mkdir(parents=True, exist_ok=True)
+    generated = _generate_in_process(base / "clickhouse", sizes.query_events, sizes.query_subjects,
+                                     sizes.query_days, end_s)  # fmt: skip
+    log(f"query: generated {generated}")
+    stack = bench_stack(base)
+    stack.start_broker()
+    stack.start_sink()
+    lo = (today - timedelta(days=sizes.query_days)).isoformat().replace("+00:00", "Z")
+    hi = today.isoformat().replace("+00:00", "Z")
+    url = f"{stack.query_url}/api/v1/meters/cost_usd/query"
+    rng = random.Random(9)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        sampler = ProcessSampler({"sink": stack.pids()["sink"]}).start()
+        with httpx.Client(timeout=120) as client:
+            for size in ("HOUR", "DAY"):
+                times = []
+                for i in range(sizes.query_runs + 3):
+                    subject = f"user-{rng.randrange(sizes.query_subjects):05d}"
+                    params = [("subject", subject), ("windowSize", size), ("groupBy", "model"), ("from", lo),
+                              ("to", hi)]  # fmt: skip
+                    elapsed, data = _timed(client, url, params)
+                    if i >= 3:  # the first runs warm the caches
+                        times.append(elapsed)
+                results[size] = {"p50_ms": ms(percentile(times, 50)), "p95_ms": ms(percentile(times, 95)),
+                                 "runs": len(times), "rows": len(data)}  # fmt: skip
+            times = []
+            for i in range(sizes.top_runs + 2):
+                elapsed, data = _timed(client, url, [("groupBy", "subject"), ("from", lo), ("to", hi)])
+                t0 = time.perf_counter()
+                top = sorted(data, key=lambda r: Decimal(str(r["value"])), reverse=True)[:100]
+                elapsed += time.perf_counter() - t0
+                if i >= 2:
+                    times.append(elapsed)
+            results["top100"] = {"p50_ms": ms(percentile(times, 50)), "p95_ms": ms(percentile(times, 95)),
+                                 "runs": len(times), "subjects_returned": len(data), "top": len(top)}  # fmt: skip
+        usage = sampler.stop()
+    finally:
+        stack.stop()
+    log(f"query: Meterstream {results} {usage_dict(usage)}")
+
+    baselines: dict[str, dict[str, Any]] = {}
+    common = ["--subjects", str(sizes.query_subjects), "--days", str(sizes.query_days), "--end", str(end_s)]
+    runs = ["--runs", str(sizes.query_runs), "--top-runs", str(sizes.tutorial_top_runs)]
+    rows_arg = ["--rows", str(sizes.tutorial_query_events)]
+    db = base / "tutorial.db"
+    db.unlink(missing_ok=True)
+    loaded = _tutorial(sys.executable, "load", "--db", "sqlite", "--target", str(db), *rows_arg, *common)
+    baselines["SQLite"] = _tutorial(sys.executable, "query", "--db", "sqlite", "--target", str(db), *runs, *common)
+    log(f"query: SQLite ({loaded}) {baselines['SQLite']}")
+    pg_python = _postgres_python()
+    if pg_python is not None:
+        try:
+            server = postgres.PostgresServer.start()
+            try:
+                loaded = _tutorial(pg_python, "load", "--db", "postgres", "--target", server.dsn, *rows_arg, *common)
+                baselines["PostgreSQL"] = _tutorial(
+                    pg_python, "query", "--db", "postgres", "--target", server.dsn, *runs, *common
+                )
+                log(f"query: PostgreSQL ({loaded}) {baselines['PostgreSQL']}")
+            finally:
+                server.stop()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            log(f"PostgreSQL baseline skipped: {exc}")
+
+    stored = f"{generated['events'] / 1e6:.1f}M events in {generated['rows'] / 1e6:.2f}M windows"
+    rows = []
+    for key, label, target, limit in (
+        ("HOUR", "one subject, 30 days, HOUR windows by model", "<= 20 ms", 20.0),
+        ("DAY", "one subject, 30 days, DAY windows by model", "<= 20 ms", 20.0),
+        ("top100", "top 100 subjects by cost, 30 days", "<= 250 ms", 250.0),
+    ):
+        base_key = {"HOUR": "subject_hour", "DAY": "subject_day", "top100": "top100"}[key]
+        for stat in ("p50", "p95"):
+            for name, base_result in baselines.items() or {"-": {}}.items():
+                value = base_result.get(base_key, {}).get(f"{stat}_ms") if base_result else None
+                rows.append(
+                    Row(
+                        "query",
+                        f"{label}, {stat} ({stored}) vs {name}",
+                        "ms",
+                        results[key][f"{stat}_ms"],
+                        value,
+                        f"{name} tutorial ({sizes.tutorial_query_events / 1e6:g}M rows)" if value is not None else "",
+                        higher_is_better=False,
+                        target=target if stat == "p95" else "",
+                        met=(results[key]["p95_ms"] <= limit) if stat == "p95" else None,
+                        details={"meterstream": results[key], "generated": generated, "baseline": base_result},
+                    )
+                )
+    return rows
+
+
+# -- soak ------------------------------------------------------------------------------------------------
+
+
+def soak(sizes: Sizes, work: Path) -> list[Row]:
+    """Steady load for ``soak_minutes``; RSS of every process every 10 s; growth after the first minute."""
+    stack = _full_stack(work, "soak")
+    seconds = sizes.soak_minutes * 60
+    interval = 10.0 if seconds >= 120 else 2.0
+    try:
+        sampler = ProcessSampler(stack.pids(), interval_s=interval).start()
+        load = _steady_load(stack, sizes.soak_events_per_s, seconds, "soak-")
+        result = load.join()
+        deadline = time.monotonic() + 300
+        while stack.stored_requests() < result.events_ok and time.monotonic() < deadline:
+            time.sleep(1)
+        sampler.stop()
+    finally:
+        stack.stop()
+    series = sampler.series
+    settle = min(60.0, seconds / 4)
+    settled = [s for s in series if s[0] >= settle] or series
+    first, last = settled[0][1], settled[-1][1]
+    rows = []
+    print("\nSoak RSS (MB) by elapsed seconds:")
+    names = list(first)
+    print("| s | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for elapsed, sample in series:
+        print(f"| {elapsed:.0f} | " + " | ".join(f"{sample[n]:.0f}" for n in names) + " |")
+    for name in names:
+        growth = last[name] - first[name]
+        held = name == "broker"
+        rows.append(
+            Row(
+                "soak",
+                f"{name} RSS growth, {settle:.0f}s to {series[-1][0]:.0f}s at {result.events_per_s:,.0f} events/s"
+                + (" (holds every event: in-memory broker)" if held else ""),
+                "MB",
+                growth,
+                target="" if held else "no growth",
+                met=None if held else growth <= max(20.0, 0.05 * first[name]),
+                details={"from_mb": first[name], "to_mb": last[name], "series": series},
+            )
+        )
+    return rows
