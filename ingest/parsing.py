@@ -187,7 +187,8 @@ def _accept(
             "type": event.type,
             "time_us": to_micros(time),
             "received_us": received_us,
-            "data": event.data,
+            # Text, not a tree: the processor passes it through to the audit log without parsing it.
+            "data": orjson.dumps(event.data).decode(),
         }
         if event.type == policy.usage_event_type:
             try:

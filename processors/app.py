@@ -16,6 +16,7 @@ The window state lives in ClickHouse, where the sink adds each record's deltas e
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import ssl
@@ -123,6 +124,8 @@ class Processor:
         futures = []
         stored_keys: list[tuple[str, str]] = []
         counts = {"records": 0, "duplicates": 0, "dead": 0}
+        statuses: collections.Counter[str] = collections.Counter()
+        unpriced: collections.Counter[tuple[str, str]] = collections.Counter()
         for event in batch:
             message = event.message
             try:
@@ -151,10 +154,14 @@ class Processor:
             counts["records"] += 1
             counts["duplicates"] += output.duplicates
             counts["dead"] += len(output.dead_letters)
-            for row in output.windows["events"]:
-                PROCESSED.labels(row["status"]).inc()
-                if row["status"] == "counted" and row["cost_usd"] is None:
-                    UNPRICED.labels(*self._unpriced_label(row["provider"], row["model"])).inc()
+            audit = output.windows["events"]
+            statuses.update(audit["status"])
+            if output.unpriced:
+                unpriced.update(
+                    (audit["provider"][i], audit["model"][i])
+                    for i, cost in enumerate(audit["cost_atto"])
+                    if cost is None and audit["status"][i] == "counted"
+                )
         await asyncio.gather(*futures)
         # Only now are these events somewhere durable downstream.
         for key in stored_keys:
@@ -162,6 +169,10 @@ class Processor:
         RECORDS.inc(counts["records"])
         DUPLICATES.inc(counts["duplicates"])
         DEAD_LETTERED.inc(counts["dead"])
+        for status, count in statuses.items():
+            PROCESSED.labels(status).inc(count)
+        for (provider, model), count in unpriced.items():
+            UNPRICED.labels(*self._unpriced_label(provider, model)).inc(count)
 
     def _unpriced_label(self, provider: str, model: str) -> tuple[str, str]:
         # Model names come from clients: cap the label set so a stream of made-up names cannot blow up

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import orjson
 
 from processors.pricing import Price, Pricer
-from schemas.money import from_atto
 from schemas.records import (
     RECORD_VERSION,
     AcceptedEvent,
-    AuditRow,
+    AuditColumns,
     DeadLetterRecord,
     EventsRecord,
     EventStatus,
@@ -31,22 +30,6 @@ from schemas.records import (
 log = logging.getLogger(__name__)
 
 WINDOW_US: Final = 60_000_000
-_COUNT_FIELDS: Final = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "unpriced_requests",
-)
-
-
-@dataclass(slots=True)
-class _Window:
-    counts: list[int] = field(default_factory=lambda: [0] * len(_COUNT_FIELDS))
-    cost_atto: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,26 +68,34 @@ def process_record(
 ) -> Output:
     """Price and aggregate one events record. ``known`` holds (source, id) keys already counted; events
     with those keys (or repeated inside this record) are dropped as duplicates."""
-    windows: dict[tuple[str, str, str, int], _Window] = {}
-    audit: list[AuditRow] = []
+    # The hot path of the processor (every event passes here once): one loop that decides, prices and
+    # sums, then the audit columns built by comprehensions, which cost a fraction of per-event appends.
+    windows: dict[tuple[str, str, str, int], list[int]] = {}
+    kept: list[AcceptedEvent] = []
+    indexes: list[int] = []
+    statuses: list[EventStatus] = []
+    prices: list[Price | None] = []
+    reasons: list[str] = []
     dead: list[DeadLetterRecord] = []
-    keys: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     duplicates = unpriced = 0
+    usage_type, lateness = policy.usage_event_type, policy.allowed_lateness_us
+    price_of = pricer.price
     for index, event in enumerate(record["events"]):
         key = (event["source"], event["id"])
         if key in seen or (known is not None and key in known):
             duplicates += 1
             continue
         seen.add(key)
-        keys.append(key)
-        status: EventStatus
-        if event["type"] != policy.usage_event_type or "usage" not in event:
-            status = "not_metered"
-            price: Price | str | None = None
-        elif event["received_us"] - event["time_us"] > policy.allowed_lateness_us:
+        kept.append(event)
+        indexes.append(index)
+        price: Price | None = None
+        reason = ""
+        usage = event.get("usage")
+        if event["type"] != usage_type or usage is None:
+            status: EventStatus = "not_metered"
+        elif event["received_us"] - event["time_us"] > lateness:
             status = "late"
-            price = None
             dead.append(
                 {
                     "reason": "later than the allowed lateness",
@@ -116,18 +107,56 @@ def process_record(
             )
         else:
             status = "counted"
-            result = pricer.price(
-                event["provider"],
-                event["model"],
-                event["time_us"],
-                event["usage"],
-                event.get("price_context"),
-            )
-            price = result if isinstance(result, Price) else result.reason
-            _add(windows, event, price)
-            if not isinstance(price, Price):
+            result = price_of(event["provider"], event["model"], event["time_us"], usage, event.get("price_context"))
+            if isinstance(result, Price):
+                price = result
+            else:
+                reason = result.reason
                 unpriced += 1
-        audit.append(_audit_row(index, event, status, price))
+            window_key = (event["subject"], event["provider"], event["model"], (event["time_us"] // WINDOW_US) * 60)
+            totals = windows.get(window_key)
+            if totals is None:
+                totals = windows[window_key] = [0] * 9
+            input_tokens = usage.get("input_tokens", 0)
+            output_tokens = usage.get("output_tokens", 0)
+            totals[0] += 1
+            totals[1] += input_tokens
+            totals[2] += output_tokens
+            totals[3] += usage.get("cache_read_tokens", 0)
+            totals[4] += usage.get("cache_write_tokens", 0)
+            totals[5] += usage.get("output_reasoning_tokens", 0)
+            totals[6] += input_tokens + output_tokens
+            if price is None:
+                totals[7] += 1
+            else:
+                totals[8] += price.total_atto
+        statuses.append(status)
+        prices.append(price)
+        reasons.append(reason)
+    usages = [event.get("usage") or {} for event in kept]
+    audit: AuditColumns = {
+        "index": indexes,
+        "id": [e["id"] for e in kept],
+        "source": [e["source"] for e in kept],
+        "subject": [e["subject"] for e in kept],
+        "type": [e["type"] for e in kept],
+        "time_us": [e["time_us"] for e in kept],
+        "received_us": [e["received_us"] for e in kept],
+        "data": [e["data"] for e in kept],
+        "provider": [e.get("provider", "") for e in kept],
+        "model": [e.get("model", "") for e in kept],
+        "input_tokens": [u.get("input_tokens", 0) for u in usages],
+        "output_tokens": [u.get("output_tokens", 0) for u in usages],
+        "cache_read_tokens": [u.get("cache_read_tokens", 0) for u in usages],
+        "cache_write_tokens": [u.get("cache_write_tokens", 0) for u in usages],
+        "reasoning_tokens": [u.get("output_reasoning_tokens", 0) for u in usages],
+        "usage": [orjson.dumps(u).decode() for u in usages],
+        "cost_atto": [p.total_atto if p else None for p in prices],
+        "cost_input_atto": [p.input_atto if p else None for p in prices],
+        "cost_output_atto": [p.output_atto if p else None for p in prices],
+        "price_source": [p.source if p else r for p, r in zip(prices, reasons, strict=True)],
+        "status": statuses,
+    }
     output: WindowsRecord = {
         "v": RECORD_VERSION,
         "topic_id": topic_id,
@@ -136,34 +165,12 @@ def process_record(
         "windows": [_delta(k, w) for k, w in windows.items()],
         "events": audit,
     }
+    keys = list(zip(audit["source"], audit["id"], strict=True))
     return Output(output, dead, keys, duplicates, unpriced)
 
 
-def _add(windows: dict[tuple[str, str, str, int], _Window], event: AcceptedEvent, price: Price | str) -> None:
-    key = (event["subject"], event["provider"], event["model"], window_start_s(event["time_us"]))
-    window = windows.get(key)
-    if window is None:
-        window = windows[key] = _Window()
-    usage = event["usage"]
-    counts = window.counts
-    input_tokens = usage.get("input_tokens", 0)
-    output_tokens = usage.get("output_tokens", 0)
-    counts[0] += 1
-    counts[1] += input_tokens
-    counts[2] += output_tokens
-    counts[3] += usage.get("cache_read_tokens", 0)
-    counts[4] += usage.get("cache_write_tokens", 0)
-    counts[5] += usage.get("output_reasoning_tokens", 0)
-    counts[6] += input_tokens + output_tokens
-    if isinstance(price, Price):
-        window.cost_atto += price.total_atto
-    else:
-        counts[7] += 1
-
-
-def _delta(key: tuple[str, str, str, int], window: _Window) -> WindowDelta:
+def _delta(key: tuple[str, str, str, int], c: list[int]) -> WindowDelta:
     subject, provider, model, start = key
-    c = window.counts
     return {
         "subject": subject,
         "provider": provider,
@@ -177,32 +184,5 @@ def _delta(key: tuple[str, str, str, int], window: _Window) -> WindowDelta:
         "reasoning_tokens": c[5],
         "total_tokens": c[6],
         "unpriced_requests": c[7],
-        "cost_usd": format(from_atto(window.cost_atto), "f"),
-    }
-
-
-def _audit_row(index: int, event: AcceptedEvent, status: EventStatus, price: Price | str | None) -> AuditRow:
-    usage = event.get("usage", {})
-    return {
-        "index": index,
-        "id": event["id"],
-        "source": event["source"],
-        "subject": event["subject"],
-        "type": event["type"],
-        "time_us": event["time_us"],
-        "received_us": event["received_us"],
-        "data": orjson.dumps(event["data"]).decode(),
-        "provider": event.get("provider", ""),
-        "model": event.get("model", ""),
-        "input_tokens": usage.get("input_tokens", 0),
-        "output_tokens": usage.get("output_tokens", 0),
-        "cache_read_tokens": usage.get("cache_read_tokens", 0),
-        "cache_write_tokens": usage.get("cache_write_tokens", 0),
-        "reasoning_tokens": usage.get("output_reasoning_tokens", 0),
-        "usage": usage,
-        "cost_usd": format(price.total_usd, "f") if isinstance(price, Price) else None,
-        "cost_input_usd": format(price.input_usd, "f") if isinstance(price, Price) else None,
-        "cost_output_usd": format(price.output_usd, "f") if isinstance(price, Price) else None,
-        "price_source": price.source if isinstance(price, Price) else (price or ""),
-        "status": status,
+        "cost_atto": c[8],
     }

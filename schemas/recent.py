@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
@@ -18,7 +19,9 @@ class RecentKeys(Generic[K, V]):
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: dict[K, V] = {}
+        # OrderedDict, not dict: evicting a plain dict's first key again and again makes finding the first
+        # key ever slower (deleted slots pile up in front), O(n) per eviction.
+        self._items: OrderedDict[K, V] = OrderedDict()
 
     def get(self, key: K) -> V | None:
         return self._items.get(key)
@@ -34,8 +37,7 @@ class RecentKeys(Generic[K, V]):
             return
         self._items[key] = value
         if len(self._items) > self.capacity:
-            # dicts keep insertion order: the first key is the oldest.
-            del self._items[next(iter(self._items))]
+            self._items.popitem(last=False)
 
     def add_all(self, items: Iterable[tuple[K, V]]) -> None:
         for key, value in items:

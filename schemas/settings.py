@@ -120,7 +120,12 @@ class SinkSettings(_Service):
     retry_initial_ms: int = Field(default=200, ge=1)
     retry_max_ms: int = Field(default=10_000, ge=1)
     #: Recently stored (source, id) keys kept in memory in front of the audit-log lookup.
-    recent_keys: int = Field(default=1_000_000, ge=0)
+    recent_keys: int = Field(default=100_000, ge=0)
+    #: A resent event is recognised if it was first stored less than this long ago (a Bloom filter of
+    #: these keys decides which events need the exact audit-log lookup).
+    dedupe_horizon_days: int = Field(default=32, ge=1)
+    #: Keys the Bloom filter is sized for (about 1.2 bytes each); beyond it more lookups, never errors.
+    dedupe_capacity: int = Field(default=20_000_000, ge=1000)
     session_timeout_s: float = Field(default=6.0, gt=0)
     host: str = "127.0.0.1"
     #: HTTP port for health, metrics and the query API (0: none).

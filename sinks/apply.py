@@ -14,12 +14,11 @@ Exactly-once rests on two checks made here, per batch of windows records:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from schemas.money import to_atto
-from schemas.records import AuditRow, WindowsRecord
+from schemas.records import AuditColumns, WindowsRecord
 
 #: (source, id) of an event.
 EventKey = tuple[str, str]
@@ -53,17 +52,41 @@ class Totals:
         return self.cost_atto == 0 and not any(self.counts)
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """The audit rows of one applied record that are stored: ``rows`` are positions in its columns
+    (None: all of them, the common case)."""
+
+    record: WindowsRecord
+    rows: list[int] | None
+
+    def positions(self) -> range | list[int]:
+        return range(len(self.record["events"]["id"])) if self.rows is None else self.rows
+
+    def keys_and_coords(self) -> Iterator[tuple[EventKey, Coords]]:
+        r = self.record
+        events = r["events"]
+        for i in self.positions():
+            yield (
+                (events["source"][i], events["id"][i]),
+                (r["topic_id"], r["partition"], r["offset"], events["index"][i]),
+            )
+
+
 @dataclass(slots=True)
 class Plan:
     """What one sink batch writes."""
 
-    events: list[tuple[AuditRow, Coords]] = field(default_factory=list)
+    events: list[Kept] = field(default_factory=list)
     windows: dict[WindowKey, Totals] = field(default_factory=dict)
     #: New applied offset of every source partition this batch advances.
     offsets: dict[Source, int] = field(default_factory=dict)
     replays: int = 0
     gaps: int = 0
     duplicates: int = 0
+
+    def stored_count(self) -> int:
+        return sum(len(k.positions()) for k in self.events)
 
 
 def plan_batch(
@@ -90,56 +113,79 @@ def plan_batch(
             plan.offsets[source] = record["offset"]
             accepted.append(record)
 
+    windows = plan.windows
     for record in accepted:
         for delta in record["windows"]:
             window = (delta["subject"], delta["provider"], delta["model"], delta["window_start"])
-            totals = plan.windows.get(window)
+            totals = windows.get(window)
             if totals is None:
-                totals = plan.windows[window] = Totals()
-            for i, name in enumerate(_COUNTS):
-                totals.counts[i] += delta[name]  # type: ignore[literal-required]
-            totals.cost_atto += to_atto(delta["cost_usd"])
+                totals = windows[window] = Totals()
+            counts = totals.counts
+            counts[0] += delta["requests"]
+            counts[1] += delta["input_tokens"]
+            counts[2] += delta["output_tokens"]
+            counts[3] += delta["cache_read_tokens"]
+            counts[4] += delta["cache_write_tokens"]
+            counts[5] += delta["reasoning_tokens"]
+            counts[6] += delta["total_tokens"]
+            counts[7] += delta["unpriced_requests"]
+            totals.cost_atto += delta["cost_atto"]
 
-    occurrences = [
-        (row, (record["topic_id"], record["partition"], record["offset"], row["index"]))
-        for record in accepted
-        for row in record["events"]
-    ]
-    stored = lookup(list(dict.fromkeys((row["source"], row["id"]) for row, _ in occurrences)))
-    kept: dict[EventKey, Coords] = {}
-    for row, coords in occurrences:
-        key = (row["source"], row["id"])
-        prior = stored.get(key)
-        if key in kept or (prior is not None and prior != coords):
-            plan.duplicates += 1
-            if row["status"] == "counted":
-                _take_back(plan.windows, row)
-            continue
-        kept[key] = coords
-        plan.events.append((row, coords))
+    keys = [key for record in accepted for key in zip(record["events"]["source"], record["events"]["id"], strict=True)]
+    unique = list(dict.fromkeys(keys))
+    stored = lookup(unique)
+    if not stored and len(unique) == len(keys):
+        # The common case: every event is new, nothing to take back.
+        plan.events = [Kept(record, None) for record in accepted]
+    else:
+        _deduplicate(plan, accepted, stored)
 
     for window in [w for w, totals in plan.windows.items() if totals.is_zero()]:
         del plan.windows[window]
     return plan
 
 
-def _take_back(windows: dict[WindowKey, Totals], row: AuditRow) -> None:
-    key = (row["subject"], row["provider"], row["model"], (row["time_us"] // 60_000_000) * 60)
+def _deduplicate(plan: Plan, accepted: list[WindowsRecord], stored: Mapping[EventKey, Coords]) -> None:
+    kept: set[EventKey] = set()
+    for record in accepted:
+        events = record["events"]
+        rows: list[int] | None = None
+        for i, key in enumerate(zip(events["source"], events["id"], strict=True)):
+            prior = stored.get(key)
+            occurrence = (record["topic_id"], record["partition"], record["offset"], events["index"][i])
+            if key in kept or (prior is not None and prior != occurrence):
+                if rows is None:
+                    rows = list(range(i))
+                plan.duplicates += 1
+                if events["status"][i] == "counted":
+                    _take_back(plan.windows, events, i)
+                continue
+            kept.add(key)
+            if rows is not None:
+                rows.append(i)
+        plan.events.append(Kept(record, rows))
+
+
+def _take_back(windows: dict[WindowKey, Totals], events: AuditColumns, i: int) -> None:
+    key = (events["subject"][i], events["provider"][i], events["model"][i], (events["time_us"][i] // 60_000_000) * 60)
     totals = windows[key]
-    input_tokens, output_tokens = row["input_tokens"], row["output_tokens"]
+    input_tokens, output_tokens = events["input_tokens"][i], events["output_tokens"][i]
+    cost = events["cost_atto"][i]
     values = (
         1,
         input_tokens,
         output_tokens,
-        row["cache_read_tokens"],
-        row["cache_write_tokens"],
-        row["reasoning_tokens"],
+        events["cache_read_tokens"][i],
+        events["cache_write_tokens"][i],
+        events["reasoning_tokens"][i],
         input_tokens + output_tokens,
-        1 if row["cost_usd"] is None else 0,
+        1 if cost is None else 0,
     )
-    for i, value in enumerate(values):
-        totals.counts[i] -= value
-    if row["cost_usd"] is not None:
-        totals.cost_atto -= to_atto(row["cost_usd"])
+    for n, value in enumerate(values):
+        totals.counts[n] -= value
+    if cost is not None:
+        totals.cost_atto -= cost
     if any(count < 0 for count in totals.counts):
-        raise AssertionError(f"window {key} went negative taking back duplicate {row['source']}/{row['id']}")
+        raise AssertionError(
+            f"window {key} went negative taking back duplicate {events['source'][i]}/{events['id'][i]}"
+        )

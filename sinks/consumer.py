@@ -9,15 +9,17 @@ is dropped and nothing else is consumed meanwhile.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
+from rbloom import Bloom
 
 from schemas.recent import RecentKeys
 from schemas.records import WindowsRecord, decode_windows
@@ -36,6 +38,9 @@ FRESHNESS = Histogram(
     "Time from an event's acceptance at ingest to its storage in ClickHouse",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
 )
+LOOKUPS = Counter(
+    "meterstream_sink_dedupe_lookups_total", "Event keys checked against the audit log (Bloom filter positives)"
+)
 WRITE_FAILURES = Counter("meterstream_sink_write_failures_total", "Failed attempts to write a batch")
 STORAGE_UP = Gauge("meterstream_sink_storage_up", "1 if the last write or check reached ClickHouse")
 
@@ -44,6 +49,8 @@ class Store(Protocol):
     def applied_offsets(self) -> dict[Source, int]: ...
 
     def stored_coords(self, keys: list[EventKey]) -> dict[EventKey, Coords]: ...
+
+    def stored_keys(self, since: datetime) -> Iterator[EventKey]: ...
 
     def write(self, plan: Plan, stored_at: datetime) -> None: ...
 
@@ -55,6 +62,10 @@ class Sink:
         self._settings = settings
         self._store = store
         self._recent: RecentKeys[EventKey, Coords] = RecentKeys(settings.recent_keys)
+        # Every key stored within the dedupe horizon. A key it does not hold was certainly never stored,
+        # so only its (rare) positives need the exact lookup in the audit log.
+        self._stored = Bloom(settings.dedupe_capacity, 0.01)
+        self._stored_count = 0
         self._applied: dict[Source, int] = {}
         self._stop = threading.Event()
         self._generation = 0
@@ -87,6 +98,8 @@ class Sink:
     def run(self) -> None:
         """Consume until ``stop()``. The batch in hand is then written, or, if storage is down, left
         uncommitted, to be redelivered."""
+        if self._retrying(self._load_stored_keys) is _GAVE_UP:
+            return
         self._consumer.subscribe([self._settings.topics.windows], on_assign=self._on_assign, on_revoke=self._on_revoke)
         batch: list[tuple[Message, WindowsRecord | None]] = []
         events = 0
@@ -101,7 +114,7 @@ class Sink:
                         continue
                     record = self._decode(message)
                     batch.append((message, record))
-                    events += len(record["events"]) if record else 0
+                    events += len(record["events"]["id"]) if record else 0
                     oldest = oldest or time.monotonic()
                 waited_ms = (time.monotonic() - oldest) * 1000 if oldest is not None else 0.0
                 if batch and (events >= self._settings.batch_events or waited_ms >= self._settings.max_wait_ms):
@@ -160,25 +173,51 @@ class Sink:
         self._applied.update(plan.offsets)
         self._record(plan, stored_at, started)
 
+    def _load_stored_keys(self) -> None:
+        started = time.monotonic()
+        since = datetime.now(UTC) - timedelta(days=self._settings.dedupe_horizon_days)
+        self._stored = Bloom(self._settings.dedupe_capacity, 0.01)
+        self._stored_count = 0
+        for key in self._store.stored_keys(since):
+            self._stored.add(key)
+            self._stored_count += 1
+        log.info("sink: %d stored event keys loaded in %.1fs", self._stored_count, time.monotonic() - started)
+
     def _lookup(self, keys: list[EventKey]) -> Mapping[EventKey, Coords]:
         found: dict[EventKey, Coords] = {}
         missing: list[EventKey] = []
+        stored = self._stored
         for key in keys:
+            if key not in stored:
+                continue  # never stored: no lookup needed
             coords = self._recent.get(key)
             if coords is None:
                 missing.append(key)
             else:
                 found[key] = coords
         if missing:
+            LOOKUPS.inc(len(missing))
             found.update(self._store.stored_coords(missing))
         return found
 
     def _record(self, plan: Plan, stored_at: datetime, started: float) -> None:
         now = stored_at.timestamp()
-        for row, coords in plan.events:
-            self._recent.add((row["source"], row["id"]), coords)
-            STORED.labels(row["status"]).inc()
-            FRESHNESS.observe(max(0.0, now - row["received_us"] / 1_000_000))
+        stored = 0
+        for kept in plan.events:
+            for key, coords in kept.keys_and_coords():
+                self._recent.add(key, coords)
+                self._stored.add(key)
+                stored += 1
+            events = kept.record["events"]
+            statuses = collections.Counter(events["status"][i] for i in kept.positions())
+            for status, count in statuses.items():
+                STORED.labels(status).inc(count)
+            if events["received_us"]:
+                # One observation per record: its events were received together (one request).
+                FRESHNESS.observe(max(0.0, now - events["received_us"][0] / 1_000_000))
+        self._stored_count += stored
+        if self._stored_count > self._settings.dedupe_capacity:
+            log.warning("sink: more keys than dedupe_capacity; more audit-log lookups until the next restart")
         DUPLICATES.inc(plan.duplicates)
         REPLAYS.inc(plan.replays)
         GAPS.inc(plan.gaps)

@@ -8,7 +8,8 @@ deltas are in the table. Deltas and markers of a sink batch go in one INSERT, wh
 one part (unpartitioned table, well under a million rows), so they become visible together or not at all:
 that is what makes every source offset count exactly once.
 
-``usage_events`` is the raw audit log: every accepted event once, with its price and where it came from.
+``usage_events`` is the raw audit log: every accepted event once, with its price (integer atto-dollars,
+read as decimal USD through ALIAS columns) and where it came from.
 ReplacingMergeTree on (source, id) collapses the identical rows a replay writes again.
 """
 
@@ -78,9 +79,13 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 cache_write_tokens UInt64,
                 reasoning_tokens UInt64,
                 usage String,
-                cost_usd Nullable(Decimal(38, 18)),
-                cost_input_usd Nullable(Decimal(38, 18)),
-                cost_output_usd Nullable(Decimal(38, 18)),
+                -- Money as integer atto-dollars (1e-18 USD): exact, and cheap to write; read as USD below.
+                cost_atto Nullable(Int128),
+                cost_input_atto Nullable(Int128),
+                cost_output_atto Nullable(Int128),
+                cost_usd Nullable(Decimal(38, 18)) ALIAS toDecimal128(cost_atto, 0) * {atto},
+                cost_input_usd Nullable(Decimal(38, 18)) ALIAS toDecimal128(cost_input_atto, 0) * {atto},
+                cost_output_usd Nullable(Decimal(38, 18)) ALIAS toDecimal128(cost_output_atto, 0) * {atto},
                 price_source LowCardinality(String),
                 status LowCardinality(String),
                 src_topic LowCardinality(String),
@@ -111,6 +116,7 @@ def _render(statement: str, ch: ClickHouse) -> str:
         db=f"`{ch.database}`",
         on_cluster=f"ON CLUSTER `{cluster}`" if cluster else "",
         engine="Replicated" if cluster else "",
+        atto="toDecimal128('0.000000000000000001', 18)",
     )
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
 
-import orjson
-
-from schemas.events import from_micros
+from schemas.events import from_micros, to_micros
 from schemas.money import from_atto
+from schemas.records import AUDIT_COLUMNS
 from sinks.apply import Coords, EventKey, Plan, Source
 from sinks.clickhouse.connection import ClickHouse
 
@@ -34,9 +33,9 @@ _EVENT_COLUMNS: Final = (
     "cache_write_tokens",
     "reasoning_tokens",
     "usage",
-    "cost_usd",
-    "cost_input_usd",
-    "cost_output_usd",
+    "cost_atto",
+    "cost_input_atto",
+    "cost_output_atto",
     "price_source",
     "status",
     "src_topic",
@@ -44,6 +43,8 @@ _EVENT_COLUMNS: Final = (
     "src_offset",
     "src_index",
 )
+#: Audit columns of a windows record whose table column has another name.
+_AUDIT_TO_TABLE: Final = {"index": "src_index", "time_us": "time", "received_us": "received_at"}
 _WINDOW_COLUMNS: Final = (
     "subject",
     "window_start",
@@ -99,12 +100,21 @@ class WindowStore:
                 found.setdefault((source, event_id), (topic, int(partition), int(offset), int(index)))
         return found
 
+    def stored_keys(self, since: datetime) -> Iterator[EventKey]:
+        """(source, id) of every event stored since ``since``, streamed."""
+        with self._ch.client().query_row_block_stream(
+            "SELECT source, id FROM usage_events WHERE stored_at >= {since:DateTime64(6, 'UTC')}",
+            parameters={"since": since},
+        ) as blocks:
+            for block in blocks:
+                yield from ((source, event_id) for source, event_id in block)
+
     def write(self, plan: Plan, stored_at: datetime) -> None:
         """Store a batch. Audit rows first (rewriting them is harmless), then every window delta and the
         new offset markers in one INSERT: visible together or not at all. A retry with the same plan is
         dropped by ClickHouse as a duplicate block (the token identifies the offsets it advances)."""
         client = self._ch.client()
-        if plan.events:
+        if plan.stored_count():
             client.insert(
                 "usage_events",
                 _event_columns(plan, stored_at),
@@ -132,43 +142,26 @@ def _token(offsets: Iterable[tuple[Source, int]]) -> str:
     return "ms-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _decimal(amount: str | None) -> Decimal | None:
-    return None if amount is None else Decimal(amount)
-
-
 def _event_columns(plan: Plan, stored_at: datetime) -> list[list[Any]]:
-    columns: list[list[Any]] = [[] for _ in _EVENT_COLUMNS]
-    for row, (topic, partition, offset, index) in plan.events:
-        values = (
-            row["source"],
-            row["id"],
-            row["subject"],
-            row["type"],
-            from_micros(row["time_us"]),
-            from_micros(row["received_us"]),
-            stored_at,
-            row["data"],
-            row["provider"],
-            row["model"],
-            row["input_tokens"],
-            row["output_tokens"],
-            row["cache_read_tokens"],
-            row["cache_write_tokens"],
-            row["reasoning_tokens"],
-            orjson.dumps(row["usage"]).decode(),
-            _decimal(row["cost_usd"]),
-            _decimal(row["cost_input_usd"]),
-            _decimal(row["cost_output_usd"]),
-            row["price_source"],
-            row["status"],
-            topic,
-            partition,
-            offset,
-            index,
-        )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
+    """Audit columns in table order. Records arrive column-oriented, so this is mostly list extension:
+    DateTime64(6) takes microsecond ticks and costs are integer atto-dollars, both as they come."""
+    stored_us = to_micros(stored_at)
+    out: dict[str, list[Any]] = {name: [] for name in _EVENT_COLUMNS}
+    for kept in plan.events:
+        record, events = kept.record, kept.record["events"]
+        rows = kept.rows
+        n = len(events["id"]) if rows is None else len(rows)
+        if n == 0:
+            continue
+        for name in AUDIT_COLUMNS:
+            column = events[name]  # type: ignore[literal-required]
+            target = _AUDIT_TO_TABLE.get(name, name)
+            out[target].extend(column if rows is None else [column[i] for i in rows])
+        out["stored_at"].extend([stored_us] * n)
+        out["src_topic"].extend([record["topic_id"]] * n)
+        out["src_partition"].extend([record["partition"]] * n)
+        out["src_offset"].extend([record["offset"]] * n)
+    return [out[name] for name in _EVENT_COLUMNS]
 
 
 def _window_columns(plan: Plan) -> list[list[Any]]:

@@ -11,7 +11,7 @@ import pytest
 from schemas.meters import find_meter
 from schemas.query import EventFilter, MeterQuery, WindowSize
 from schemas.settings import ClickHouseSettings
-from sinks.apply import Plan, Totals
+from sinks.apply import Kept, Plan, Totals
 from sinks.clickhouse.connection import ClickHouse
 from sinks.clickhouse.reader import MeterReader
 from sinks.clickhouse.schema import MIGRATIONS, migrate
@@ -118,9 +118,9 @@ def test_cost_sums_are_exact(ch: ClickHouse) -> None:
 
 
 def test_stored_coordinates_and_event_list(ch: ClickHouse) -> None:
-    from tests.unit.test_apply import row
+    from tests.unit.test_apply import record, row
 
-    plan = Plan(events=[(row("a", 0), ("T", 1, 5, 0)), (row("b'); --", 1), ("T", 1, 5, 1))], offsets={})
+    plan = Plan(events=[Kept(record(5, row("a", 0), row("b'); --", 1), partition=1), None)], offsets={})
     store = WindowStore(ch)
     store.write(plan, datetime(2025, 1, 1, tzinfo=UTC))
     store.write(plan, datetime(2025, 1, 1, tzinfo=UTC))  # a replay rewrites identical rows
@@ -135,10 +135,10 @@ def test_stored_coordinates_and_event_list(ch: ClickHouse) -> None:
 
 
 def test_reconcile_sees_a_missing_window(ch: ClickHouse) -> None:
-    from tests.unit.test_apply import MINUTE, row
+    from tests.unit.test_apply import MINUTE, record, row
 
     store, reader = WindowStore(ch), MeterReader(ch)
-    plan = Plan(events=[(row("a", 0), ("T", 0, 0, 0))], offsets={("T", 0): 0})
+    plan = Plan(events=[Kept(record(0, row("a", 0)), None)], offsets={("T", 0): 0})
     totals = Totals()
     totals.counts[:7] = [1, 10, 2, 0, 0, 0, 12]
     totals.cost_atto = 10**15
@@ -146,6 +146,6 @@ def test_reconcile_sees_a_missing_window(ch: ClickHouse) -> None:
     store.write(plan, datetime.now(UTC))
     start = datetime.fromtimestamp(MINUTE, UTC)
     assert reader.reconcile(start, start + timedelta(minutes=1)) == []
-    store.write(Plan(events=[(row("b", 1), ("T", 0, 1, 0))], offsets={}), datetime.now(UTC))
+    store.write(Plan(events=[Kept(record(1, row("b", 0)), None)], offsets={}), datetime.now(UTC))
     (difference,) = reader.reconcile(start - timedelta(seconds=1), start + timedelta(seconds=1))
     assert difference.values["requests"] == (Decimal(2), Decimal(1))

@@ -7,14 +7,16 @@ from typing import Any
 
 import pytest
 
-from schemas.records import AuditRow, WindowsRecord
+from schemas.records import AUDIT_COLUMNS, AuditColumns, WindowsRecord
 from sinks.apply import Coords, EventKey, plan_batch
+
+AuditRow = dict[str, Any]
 
 MINUTE = 1_700_000_040  # a window start, seconds
 
 
 def row(
-    event_id: str, index: int, *, cost: str | None = "0.001", status: str = "counted", input_tokens: int = 10
+    event_id: str, index: int, *, cost: int | None = 10**15, status: str = "counted", input_tokens: int = 10
 ) -> AuditRow:
     return {
         "index": index,
@@ -32,21 +34,31 @@ def row(
         "cache_read_tokens": 0,
         "cache_write_tokens": 0,
         "reasoning_tokens": 0,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 2},
-        "cost_usd": cost,
-        "cost_input_usd": cost,
-        "cost_output_usd": "0" if cost else None,
+        "usage": f'{{"input_tokens": {input_tokens}, "output_tokens": 2}}',
+        "cost_atto": cost,
+        "cost_input_atto": cost,
+        "cost_output_atto": 0 if cost is not None else None,
         "price_source": "test",
-        "status": status,  # type: ignore[typeddict-item]
+        "status": status,
     }
+
+
+def columns(*rows: AuditRow) -> AuditColumns:
+    return {name: [r[name] for r in rows] for name in AUDIT_COLUMNS}  # type: ignore[return-value]
+
+
+def stored_ids(plan: Any) -> list[str]:
+    return [key[1] for kept in plan.events for key, _ in kept.keys_and_coords()]
+
+
+def stored_coords(plan: Any) -> list[Coords]:
+    return [coords for kept in plan.events for _, coords in kept.keys_and_coords()]
 
 
 def record(offset: int, *rows: AuditRow, partition: int = 0, topic: str = "T") -> WindowsRecord:
     counted = [r for r in rows if r["status"] == "counted"]
     windows = []
     if counted:
-        from decimal import Decimal
-
         windows.append(
             {
                 "subject": "alice",
@@ -60,8 +72,8 @@ def record(offset: int, *rows: AuditRow, partition: int = 0, topic: str = "T") -
                 "cache_write_tokens": 0,
                 "reasoning_tokens": 0,
                 "total_tokens": sum(r["input_tokens"] + 2 for r in counted),
-                "unpriced_requests": sum(1 for r in counted if r["cost_usd"] is None),
-                "cost_usd": str(sum((Decimal(r["cost_usd"]) for r in counted if r["cost_usd"]), Decimal(0))),
+                "unpriced_requests": sum(1 for r in counted if r["cost_atto"] is None),
+                "cost_atto": sum(r["cost_atto"] or 0 for r in counted),
             }
         )
     return {
@@ -70,7 +82,7 @@ def record(offset: int, *rows: AuditRow, partition: int = 0, topic: str = "T") -
         "partition": partition,
         "offset": offset,
         "windows": windows,
-        "events": list(rows),
+        "events": columns(*rows),
     }  # type: ignore[typeddict-item]
 
 
@@ -93,14 +105,14 @@ def test_records_apply_in_offset_order_once() -> None:
 def test_already_applied_offsets_are_replays() -> None:
     plan = plan_batch([record(4, row("a", 0)), record(5, row("b", 0))], {("T", 0): 4}, nothing_stored)
     assert plan.replays == 1 and plan.offsets == {("T", 0): 5}
-    assert [r["id"] for r, _ in plan.events] == ["b"]
+    assert stored_ids(plan) == ["b"]
 
 
 def test_a_gap_stops_the_partition_until_the_missing_record_comes() -> None:
     plan = plan_batch([record(0, row("a", 0)), record(2, row("c", 0)), record(1, row("b", 0))], {}, nothing_stored)
     # 2 is skipped (ahead of 1); it will be redelivered after 1, since its input was never acknowledged.
     assert plan.gaps == 1 and plan.offsets == {("T", 0): 1}
-    assert [r["id"] for r, _ in plan.events] == ["a", "b"]
+    assert stored_ids(plan) == ["a", "b"]
 
 
 def test_partitions_and_topics_are_chained_separately() -> None:
@@ -118,7 +130,7 @@ def test_a_duplicate_stored_earlier_is_taken_back_out() -> None:
 
     plan = plan_batch([record(7, row("a", 0), row("b", 1, input_tokens=30))], {("T", 0): 6}, stored)
     assert plan.duplicates == 1
-    assert [r["id"] for r, _ in plan.events] == ["b"]
+    assert stored_ids(plan) == ["b"]
     assert totals(plan) == (1, 30, 10**15)
 
 
@@ -134,7 +146,7 @@ def test_the_same_occurrence_is_not_a_duplicate() -> None:
 def test_duplicates_within_a_batch_keep_the_first() -> None:
     plan = plan_batch([record(0, row("a", 0)), record(0, row("a", 0), partition=1)], {}, nothing_stored)
     assert plan.duplicates == 1
-    assert [coords for _, coords in plan.events] == [("T", 0, 0, 0)]
+    assert stored_coords(plan) == [("T", 0, 0, 0)]
     assert sum(w.counts[0] for w in plan.windows.values()) == 1
 
 
@@ -160,7 +172,7 @@ def test_late_duplicates_touch_no_window() -> None:
         return {("app", "a"): ("T", 0, 0, 0)}
 
     plan = plan_batch([record(1, row("a", 0, status="late"))], {("T", 0): 0}, stored)
-    assert plan.duplicates == 1 and plan.windows == {} and plan.events == []
+    assert plan.duplicates == 1 and plan.windows == {} and stored_ids(plan) == []
 
 
 def test_inconsistent_deltas_are_refused() -> None:
@@ -168,6 +180,6 @@ def test_inconsistent_deltas_are_refused() -> None:
         return {("app", "a"): ("T", 0, 0, 0)}
 
     broken = record(1, row("a", 0))
-    broken["windows"][0]["requests"] = 0
+    broken["windows"][0]["requests"] = 0  # inconsistent with its audit rows
     with pytest.raises(AssertionError, match="negative"):
         plan_batch([broken], {("T", 0): 0}, stored)
