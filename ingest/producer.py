@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,9 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from schemas.problems import MeterstreamError
 
 log = logging.getLogger(__name__)
+
+
+_PARTITIONS_TTL_S = 60.0
 
 
 class BrokerUnavailable(MeterstreamError):
@@ -49,6 +53,7 @@ class EventProducer:
         self._thread = threading.Thread(target=self._poll, name="ingest-producer-poll", daemon=True)
         self._thread.start()
         self._partitions: int | None = None
+        self._partitions_at = 0.0
         #: Highest offset the broker acknowledged, per partition (for draining at shutdown).
         self.acknowledged: dict[int, int] = {}
 
@@ -72,13 +77,20 @@ class EventProducer:
             self._producer.poll(0.05)
 
     def partitions(self) -> int:
-        """Partition count of the events topic (from the broker, cached)."""
-        if self._partitions is None:
-            metadata = self._producer.list_topics(self._topic, timeout=self._timeout_s)
+        """Partition count of the events topic, from the broker; re-read every minute, so partitions added
+        to the topic are used without a restart."""
+        now = time.monotonic()
+        if self._partitions is None or now - self._partitions_at > _PARTITIONS_TTL_S:
+            try:
+                metadata = self._producer.list_topics(self._topic, timeout=self._timeout_s)
+            except KafkaException as exc:
+                if self._partitions is not None:
+                    return self._partitions  # keep going on what we know; produce will tell if it is down
+                raise BrokerUnavailable(f"cannot read metadata of {self._topic}: {exc}") from exc
             topic = metadata.topics.get(self._topic)
             if topic is None or topic.error is not None or not topic.partitions:
                 raise BrokerUnavailable(f"topic {self._topic} is not available")
-            self._partitions = len(topic.partitions)
+            self._partitions, self._partitions_at = len(topic.partitions), now
         return self._partitions
 
     async def send(self, records: Sequence[tuple[int, bytes]], timestamp_ms: int) -> None:

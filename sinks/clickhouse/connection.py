@@ -6,6 +6,7 @@ The embedded engine can be opened by one process at a time; inside that process 
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from typing import Any, Final
 
@@ -45,7 +46,8 @@ class ClickHouse:
             with self._lock:
                 if not self._clients:
                     bootstrap = self._open(database=None)
-                    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
+                    on_cluster = f" ON CLUSTER `{self.settings.cluster}`" if self.settings.cluster else ""
+                    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`{on_cluster}")
                     self._clients.append(bootstrap)
                 client = self._open(database=self.database)
                 self._clients.append(client)
@@ -53,6 +55,11 @@ class ClickHouse:
         return client
 
     def _open(self, database: str | None) -> Client:
+        if is_embedded(self.settings.dsn) and importlib.util.find_spec("chdb") is None:
+            raise StorageUnavailable(
+                f"{self.settings.dsn} is the embedded engine, which needs the 'local' extra: "
+                "pip install 'meterstream[local]' (or use a ClickHouse server: http://host:8123)"
+            )
         kwargs: dict[str, Any] = {"dsn": self.settings.dsn}
         if database:
             kwargs["database"] = database
