@@ -471,3 +471,19 @@ def test_dashboard_queries_run_on_the_schema(usage_ch: ClickHouse) -> None:
         ("2025-03", "bob"),
         ("2025-03", "carol"),
     ]
+
+
+def test_the_gateway_gives_openmeter_clients_one_base_url(services: dict[str, dict[str, Any]]) -> None:
+    gateway = services["gateway"]
+    (mount,) = gateway["volumes"]
+    source = mount.split(":")[0] if isinstance(mount, str) else mount["source"]
+    conf = (ROOT / source.removeprefix("./")).read_text() if not source.startswith("/") else Path(source).read_text()
+    upstreams = dict(re.findall(r"upstream (\w+)\s*\{\s*server ([\w.:-]+);", conf))
+    assert upstreams == {"ingest": "ingest:8888", "query": "query:8890"}
+    assert services["ingest"]["environment"]["METERSTREAM_INGEST_PORT"] in (8888, "8888")
+    assert services["query"]["environment"]["METERSTREAM_QUERY_PORT"] in (8890, "8890")
+    # POST /api/v1/events goes to ingest; GET /api/v1/events (the event list) and everything else to query.
+    assert re.search(r"map \$request_method \$events_backend \{\s*POST\s+ingest;\s*default\s+query;", conf)
+    assert re.search(r"location = /api/v1/events \{\s*proxy_pass http://\$events_backend;", conf)
+    assert re.search(r"location / \{\s*proxy_pass http://query;", conf)
+    assert set(gateway["depends_on"]) == {"ingest", "query"}
