@@ -258,7 +258,7 @@ class Pricer:
         resolve_key = (provider, model, context_key, time_us // 60_000_000)
         resolved = self._by_minute.get(resolve_key)
         if resolved is None:
-            if len(self._by_minute) >= _MAX_CACHED_MINUTES:
+            if len(self._by_minute) >= _MAX_CACHE_ENTRIES:
                 self._by_minute.clear()
             resolved = self._resolve(provider, model, from_micros(time_us), context or {})
             self._by_minute[resolve_key] = resolved
@@ -269,6 +269,8 @@ class Pricer:
         affine_key = (id(resolved), keys, bucket)
         affine = self._affine.get(affine_key, _MISSING)
         if affine is _MISSING:
+            if len(self._affine) >= _MAX_CACHE_ENTRIES:
+                self._affine.clear()  # usage key sets come from clients: bound the cache
             affine = _learn(resolved, keys, bucket)
             self._affine[affine_key] = affine
         if affine is None:
@@ -397,7 +399,7 @@ class Pricer:
 
 _MISSING: Final[Any] = object()
 _MAX_CACHED_MODELS: Final = 10_000
-_MAX_CACHED_MINUTES: Final = 100_000
+_MAX_CACHE_ENTRIES: Final = 100_000
 
 
 def _signature(model: ModelInfo, when: datetime, context: Mapping[str, str]) -> tuple[int, tuple[int, ...]]:
