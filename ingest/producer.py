@@ -33,7 +33,9 @@ class BrokerUnavailable(MeterstreamError):
 class EventProducer:
     """An asyncio face on confluent-kafka's producer. One background thread serves delivery reports."""
 
-    def __init__(self, config: dict[str, str], topic: str, timeout_ms: int, linger_ms: int) -> None:
+    def __init__(
+        self, config: dict[str, str | int | float | bool], topic: str, timeout_ms: int, linger_ms: int
+    ) -> None:
         self._topic = topic
         self._timeout_s = timeout_ms / 1000
         self._config: dict[str, Any] = config | {
@@ -108,8 +110,8 @@ class EventProducer:
             def on_delivery(error: KafkaError | None, message: Message) -> None:
                 if error is not None and (error.fatal() or error.code() in _PRODUCER_STATE_LOST):
                     self._fatal = True
-                if error is None:
-                    partition, offset = message.partition(), message.offset()
+                partition, offset = message.partition(), message.offset()
+                if error is None and partition is not None and offset is not None:
                     if offset > self.acknowledged.get(partition, -1):
                         self.acknowledged[partition] = offset
                 loop.call_soon_threadsafe(_settle, future, error)

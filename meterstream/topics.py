@@ -6,7 +6,7 @@ import logging
 import time
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from schemas.problems import MeterstreamError
 from schemas.settings import KafkaSettings, TopicSettings

@@ -27,8 +27,11 @@ class KafkaSettings(BaseModel):
     #: Further librdkafka settings, passed through verbatim (``{"socket.keepalive.enable": "true"}``).
     extra: dict[str, str] = Field(default_factory=dict)
 
-    def to_librdkafka(self) -> dict[str, str]:
-        conf = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+    def to_librdkafka(self) -> dict[str, str | int | float | bool]:
+        conf: dict[str, str | int | float | bool] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
         if self.sasl_mechanism:
             conf["sasl.mechanism"] = self.sasl_mechanism
         if self.sasl_username:

@@ -128,7 +128,7 @@ class Sink:
     @staticmethod
     def _decode(message: Message) -> WindowsRecord | None:
         try:
-            return decode_windows(message.value())
+            return decode_windows(message.value() or b"")
         except ValueError:
             log.error("sink: undecodable windows record at %s:%s", message.partition(), message.offset())
             return None
@@ -162,8 +162,9 @@ class Sink:
         # Written: now (and only now) the windows-topic offsets may be committed.
         offsets: dict[tuple[str, int], int] = {}
         for message, _ in batch:
-            key = (message.topic(), message.partition())
-            offsets[key] = max(offsets.get(key, -1), message.offset() + 1)
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is not None and partition is not None and offset is not None:
+                offsets[(topic, partition)] = max(offsets.get((topic, partition), -1), offset + 1)
         try:
             self._consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False
