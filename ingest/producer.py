@@ -111,9 +111,13 @@ class EventProducer:
                 if error is not None and (error.fatal() or error.code() in _PRODUCER_STATE_LOST):
                     self._fatal = True
                 partition, offset = message.partition(), message.offset()
-                if error is None and partition is not None and offset is not None:
-                    if offset > self.acknowledged.get(partition, -1):
-                        self.acknowledged[partition] = offset
+                if (
+                    error is None
+                    and partition is not None
+                    and offset is not None
+                    and offset > self.acknowledged.get(partition, -1)
+                ):
+                    self.acknowledged[partition] = offset
                 loop.call_soon_threadsafe(_settle, future, error)
 
             return on_delivery
