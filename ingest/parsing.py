@@ -224,9 +224,11 @@ def _price_context(data: Mapping[str, Any]) -> dict[str, str]:
     it inside its usage object, where ``batch`` means the Batch API), ``batch`` (true for batch API calls)
     and ``speed`` (Anthropic's fast mode)."""
     context: dict[str, str] = {}
+    usage = data.get("usage")
+    if "service_tier" not in data and "batch" not in data and "speed" not in data and not isinstance(usage, Mapping):
+        return context  # the common case: a standard call
     tier = data.get("service_tier")
     field = "data.service_tier"
-    usage = data.get("usage")
     if tier is None and isinstance(usage, Mapping) and isinstance(usage.get("service_tier"), str):
         tier, field = usage["service_tier"], "data.usage.service_tier"
     if tier is not None:

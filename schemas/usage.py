@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Final
 
 from genai_prices.data_snapshot import get_snapshot
@@ -93,6 +93,7 @@ def usage_keys() -> frozenset[str]:
     return frozenset(_units())
 
 
+@lru_cache(maxsize=4096)
 def canonical_provider(provider: str) -> str:
     """The genai-prices provider id for a provider name or alias (``gemini`` → ``google``,
     ``bedrock`` → ``aws``); unknown providers are kept, lower-cased, so their tokens still count."""
@@ -158,7 +159,7 @@ def check_consistency(counts: Mapping[str, int], field_of: Mapping[str, str]) ->
         raise UsageError(field_of.get(children[0], children[0]), message)
 
 
-@cache
+@lru_cache(maxsize=4096)  # keyed by client input: bounded
 def _constraints(keys: frozenset[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(parent, children whose sum must not exceed it) for a set of reported keys; single children first,
     so that the simplest violation is the one reported. Cached: events repeat a handful of key sets."""
@@ -199,29 +200,63 @@ def normalize_usage(data: Mapping[str, Any]) -> CanonicalUsage:
     return _normalize_provider(data, raw)
 
 
-def _normalize_canonical(data: Mapping[str, Any]) -> CanonicalUsage:
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a canonical payload with these field names holds: (field, usage key) per count, and the
+    subset constraints between those keys. Computed once per distinct set of field names."""
+
+    fields: tuple[tuple[str, str], ...]
+    constraints: tuple[tuple[str, tuple[str, ...]], ...]
+    error: UsageError | None
+
+
+@lru_cache(maxsize=4096)  # keyed by client input: bounded
+def _shape(names: tuple[str, ...]) -> _Shape:
     known = usage_keys()
-    counts: dict[str, int] = {}
-    field_of: dict[str, str] = {}
-    for name, value in data.items():
+    fields: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for name in names:
         key = ALIASES.get(name, name)
         if key in known:
-            if value is None:
-                continue
-            if key in counts:
-                raise UsageError(f"data.{name}", f"data.{name} repeats {key}, which is already given")
-            counts[key] = _check_count(f"data.{name}", value)
-            field_of[key] = f"data.{name}"
+            if key in seen:
+                error = UsageError(f"data.{name}", f"data.{name} repeats {key}, which data.{seen[key]} already gives")
+                return _Shape((), (), error)
+            seen[key] = name
+            fields.append((name, key))
         elif "token" in name:
             # A misspelt count would otherwise be silently billed as zero.
-            raise UsageError(f"data.{name}", f"data.{name} is not a known token count")
+            return _Shape((), (), UsageError(f"data.{name}", f"data.{name} is not a known token count"))
+    return _Shape(tuple(fields), _constraints(frozenset(seen)), None)
+
+
+def _normalize_canonical(data: Mapping[str, Any]) -> CanonicalUsage:
+    # Every usage event passes here at ingest: the per-shape work is cached, the per-event work is a loop
+    # over a handful of counts.
+    shape = _shape(tuple(data))
+    if shape.error is not None:
+        raise shape.error
+    counts: dict[str, int] = {}
+    for name, key in shape.fields:
+        value = data[name]
+        if type(value) is int and 0 <= value <= MAX_COUNT:
+            counts[key] = value
+        elif value is not None:
+            _check_count(f"data.{name}", value)  # raises, naming the problem
     if not counts:
         raise UsageError(
             "data",
             "data carries no usage: give input_tokens / output_tokens (canonical counts) "
             "or the provider's usage object under data.usage",
         )
-    check_consistency(counts, field_of)
+    if len(counts) == len(shape.fields):
+        for parent, children in shape.constraints:
+            total = 0
+            for child in children:
+                total += counts[child]
+            if total > counts[parent]:
+                check_consistency(counts, {key: f"data.{name}" for name, key in shape.fields})  # raises
+    else:  # some counts were null: the constraints of the keys actually given
+        check_consistency(counts, {key: f"data.{name}" for name, key in shape.fields})
     return CanonicalUsage(counts)
 
 
