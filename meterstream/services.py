@@ -29,6 +29,7 @@ from ingest.routes import ingest_routes
 from ingest.service import IngestService
 from meterstream.broker import reuse_or_start
 from meterstream.http import build_app
+from meterstream.logs import configure_logging
 from meterstream.topics import ensure_topics, topic_id
 from processors.app import Processor
 from processors.pricing import Pricer, load_overrides
@@ -112,8 +113,27 @@ def ingest_app(settings: IngestSettings) -> Starlette:
     return build_app(ingest_routes(service, settings.max_body_bytes), {"broker": producer.ping}, lifespan)
 
 
+def ingest_app_from_environment() -> Starlette:
+    """The ingest app of one worker process (uvicorn imports this when running several workers)."""
+    settings = IngestSettings()
+    configure_logging(settings.log_level)
+    return ingest_app(settings)
+
+
 def run_ingest(settings: IngestSettings) -> None:
-    _run(ingest_app(settings), settings.host, settings.port, settings.log_level)
+    if settings.workers == 1:
+        _run(ingest_app(settings), settings.host, settings.port, settings.log_level)
+        return
+    # Several processes on one port; uvicorn's supervisor forwards SIGTERM and each worker drains.
+    uvicorn.run(
+        "meterstream.services:ingest_app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
 
 
 # -- processor ------------------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class IngestSettings(_Service):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8888, ge=0, le=65535)
+    #: Worker processes sharing the port (parsing and validation are CPU-bound; one per core).
+    workers: int = Field(default=1, ge=1, le=64)
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -145,3 +145,18 @@ def test_events_resent_after_every_process_restarted_count_once(stack: MultiProc
     time.sleep(3)
     assert_exact(stack.query_url, load.sent)
     assert metric(stack.query_url, "meterstream_sink_duplicates_total") == len(load.sent)
+
+
+def test_two_ingest_worker_processes(tmp_path: Path) -> None:
+    stack = MultiProcessStack(tmp_path / "stack", extra_env={"METERSTREAM_INGEST_WORKERS": "2"})
+    stack.start()
+    try:
+        load = Load(stack.ingest_url, seed=8)
+        load.start()
+        time.sleep(4)
+        assert stack.ingest is not None
+        assert stack.ingest.stop() == 0, stack.ingest.log()[-2000:]  # SIGTERM reaches both workers, which drain
+        stack.restart(stack.ingest)
+        finish(stack, load)
+    finally:
+        stack.stop()
