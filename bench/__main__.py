@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tutorial-query-events", type=int, help="rows loaded into SQLite/PostgreSQL for queries")
     parser.add_argument("--freshness-seconds", type=float, help="duration of the freshness run")
     parser.add_argument("--rate", type=float, help="events/s of the steady load (freshness, soak)")
+    parser.add_argument("--profile", action="store_true", help="py-spy profiles of the measured processes")
     parser.add_argument("--work-dir", type=Path, help="where the stacks keep their data (default: a temp dir)")
     return parser
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "freshness_seconds": args.freshness_seconds,
         "freshness_events_per_s": args.rate,
         "soak_events_per_s": args.rate,
+        "profile": args.profile or None,
     }
     sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="meterstream-bench-"))

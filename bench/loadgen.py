@@ -11,7 +11,7 @@ Two modes:
   and latency is measured from the *scheduled* time, so a stall is not hidden by the client waiting
   (no coordinated omission).
 
-Only requests sent after the warm-up count. Each worker reports its own CPU use.
+Only answers given after the warm-up count (latency: only requests sent after it). Each worker reports its own CPU use.
 """
 
 from __future__ import annotations
@@ -137,13 +137,15 @@ async def _worker_main(spec: LoadSpec, index: int, start_wall: float) -> LoadRes
     cpu_start = _cpu_s()
 
     def done(status: int, body: bytes, sent_at: float, answered: float) -> None:
-        if sent_at < measure_from or answered > end:
+        # Throughput counts the answers given inside the window; latency, the requests sent inside it.
+        if answered < measure_from or answered > end:
             return
         result.statuses[status] = result.statuses.get(status, 0) + 1
         if status == 204:
             result.requests_ok += 1
             result.events_ok += spec.events_per_request
-            result.latencies_s.append(answered - sent_at)
+            if sent_at >= measure_from:
+                result.latencies_s.append(answered - sent_at)
         else:
             result.requests_failed += 1
             if len(result.errors) < 5:

@@ -27,6 +27,7 @@ from bench.common import ProcessSampler, Row, log, ms, percentile, usage_dict
 from bench.events import body_templates
 from bench.loadgen import Load, LoadResult, LoadSpec, run_load
 from bench.prefill import Prefill, PrefillSpec
+from bench.profile import Profiler
 from bench.stack import BenchStack, bench_stack
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -39,7 +40,7 @@ class Sizes:
 
     ingest_batches: tuple[int, ...] = (1, 100, 1000)
     ingest_concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    ingest_seconds: float = 5.0
+    ingest_seconds: float = 8.0
     ingest_warmup_s: float = 1.0
     #: Single-event requests per second for the latency target.
     latency_rate: float = 1000.0
@@ -55,13 +56,20 @@ class Sizes:
     query_runs: int = 100
     top_runs: int = 50
     tutorial_query_events: int = 10_000_000
-    tutorial_top_runs: int = 10
+    #: SQLite answers the top-100 query in ~30 s on 10M rows: a few runs tell.
+    tutorial_top_runs: int = 3
     soak_minutes: float = 10.0
     soak_events_per_s: float = 2000.0
+    #: Profile the measured processes with py-spy (bench/profile.py) during dedicated runs.
+    profile: bool = False
+    profile_seconds: float = 15.0
+    #: The tiny sizes of ``--smoke``: optional runs (second worker, unpriced baseline) are left out.
+    smoke: bool = False
 
 
 FULL = Sizes()
 SMOKE = Sizes(
+    smoke=True,
     ingest_concurrency=(1, 4),
     ingest_seconds=1.0,
     ingest_warmup_s=0.3,
@@ -164,10 +172,11 @@ def ingest(sizes: Sizes, work: Path) -> list[Row]:
             f"ingest single events at {sizes.latency_rate:,.0f} requests/s: achieved {rate['requests_per_s']:,.0f}/s, "
             f"p50 {rate['p50_ms']:.2f} ms, p99 {rate['p99_ms']:.2f} ms"
         )
+        profiles = _profile_ingest(sizes, work, stack) if sizes.profile else {}
     finally:
         stack.stop()
 
-    events = _events_file(work / "tutorial-events.jsonl", 200_000 if sizes is FULL else 5_000)
+    events = _events_file(work / "tutorial-events.jsonl", 5_000 if sizes.smoke else 200_000)
     baselines: dict[str, dict[str, Any]] = {}
     sqlite_db = work / "tutorial-ingest.db"
     baselines["SQLite"] = _tutorial(
@@ -245,10 +254,37 @@ def ingest(sizes: Sizes, work: Path) -> list[Row]:
         )
     )
     rows.append(
-        Row("ingest", "ingest process RSS after all ingest runs", "MB", best_batch["processes"]["ingest"]["rss_mb"])
+        Row(
+            "ingest",
+            "ingest process RSS after all ingest runs",
+            "MB",
+            best_batch["processes"]["ingest"]["rss_mb"],
+            details={"profiles": profiles},
+        )
     )
     _print_grid([*grid, rate | {"concurrency": f"open {sizes.latency_rate:.0f}/s"}])
     return rows
+
+
+def _profile_ingest(sizes: Sizes, work: Path, stack: BenchStack) -> dict[str, Any]:
+    """Where the ingest process spends its time at saturation: batches of 1,000 (c=4), single events (c=16)."""
+    profiles = {}
+    for batch, concurrency in ((1000, 4), (1, 16)):
+        spec = LoadSpec("127.0.0.1", stack.ingest_port, batch, concurrency, sizes.profile_seconds + 2,
+                        workers=1 if concurrency < 16 else 2, warmup_s=0.5, id_prefix=f"prof{batch}-")  # fmt: skip
+        profiler = Profiler(
+            {"ingest": stack.pids()["ingest"]}, sizes.profile_seconds, work / "profiles" / f"ingest-{batch}"
+        )
+        load = Load(spec).start(lead_s=1.5)
+        time.sleep(2.0)
+        profiler.start()
+        result = load.join()
+        profiles[f"{batch}/request c={concurrency}"] = {
+            "events_per_s": result.events_per_s,
+            "profile": profiler.collect(),
+        }
+        log(f"ingest profile run {batch}/request c={concurrency}: {result.events_per_s:,.0f} events/s")
+    return profiles
 
 
 def _cell(batch: int, concurrency: int, result: LoadResult, usage: Any) -> dict[str, Any]:
@@ -302,6 +338,10 @@ def _processing_run(sizes: Sizes, work: Path, workers: int) -> tuple[dict[str, A
         PrefillSpec(stack.broker.bootstrap, EVENTS_TOPIC, sizes.processing_events, stack.partitions)
     ).prepare()
     sampler = ProcessSampler(stack.pids()).start()
+    profiler = None
+    if sizes.profile and workers == 1:
+        pids = {k: v for k, v in stack.pids().items() if k.startswith(("processor", "sink"))}
+        profiler = Profiler(pids, sizes.profile_seconds, work / "profiles" / "processing").start()
     started = time.monotonic()
     produced = prefill.go()
     produced_at = time.monotonic()
@@ -325,6 +365,22 @@ def _processing_run(sizes: Sizes, work: Path, workers: int) -> tuple[dict[str, A
             time.sleep(0.1)
     usage = sampler.stop()
     n = sizes.processing_events
+    profile = profiler.collect() if profiler is not None else {}
+    elapsed = stored_at - started
+    # Time spent inside batches (processor: records in, outputs acknowledged; sink: plan and write) as a
+    # share of the run, against CPU use: the difference is waiting (on the broker's acknowledgements,
+    # on ClickHouse), not computing.
+    stages = {
+        f"processor-{i}": {
+            "batches": stack.processor_metric(p, "meterstream_processor_batch_seconds_count"),
+            "in_batches_share": stack.processor_metric(p, "meterstream_processor_batch_seconds_sum") / elapsed,
+        }
+        for i, p in enumerate(stack.processors)
+    }
+    stages["sink"] = {
+        "batches": stack.sink_metric("meterstream_sink_batch_seconds_count"),
+        "in_batches_share": stack.sink_metric("meterstream_sink_batch_seconds_sum") / elapsed,
+    }
     result = {
         "workers": workers,
         "events": n,
@@ -333,11 +389,13 @@ def _processing_run(sizes: Sizes, work: Path, workers: int) -> tuple[dict[str, A
         "events_per_s_stored": n / (stored_at - started),
         "events_per_s_processed": n / (processed_at - started) if processed_at else None,
         "processes": usage_dict(usage),
+        "stages": stages,
+        "profile": profile,
     }
     log(
         f"processing, {workers} worker(s): {result['events_per_s_stored']:,.0f} events/s to stored windows "
         f"(processors alone {result['events_per_s_processed'] or 0:,.0f}/s; topic filled in "
-        f"{result['produce_s']:.1f}s); {result['processes']}"
+        f"{result['produce_s']:.1f}s); {result['processes']}; time in batches {stages}"
     )
     return result, stack
 
@@ -388,15 +446,18 @@ def processing(sizes: Sizes, work: Path) -> list[Row]:
         quix_events = min(total, sizes.quix_events)
         quix = _quix(stack, quix_events, pricing=True)
         log(f"Quix Streams (priced with genai-prices): {quix}")
-        if sizes is not SMOKE:
+        if not sizes.smoke:
             quix_unpriced = _quix(stack, quix_events, pricing=False)
             log(f"Quix Streams (no pricing): {quix_unpriced}")
     finally:
         stack.stop()
-    two, stack = _processing_run(sizes, work, 2)
-    stack.stop()
+    results = [one]
+    if not sizes.smoke:  # the smoke proves the harness with one worker
+        two, stack = _processing_run(sizes, work, 2)
+        stack.stop()
+        results.append(two)
     rows = []
-    for result in (one, two):
+    for result in results:
         workers = result["workers"]
         per_worker = result["events_per_s_stored"] / workers
         rows.append(
@@ -575,7 +636,7 @@ def _generate_windows(path: Path, events: int, subjects: int, days: int, end_s: 
     client = ch.client()
     columns = {r[0] for r in client.query("SELECT name FROM system.columns WHERE database = 'meterstream' "
                                            "AND table = 'usage_windows'").result_rows}  # fmt: skip
-    rows = -(-events // 3)
+    rows = int(events / 3 * 1.01) + 1  # 3 requests a row on average; 1% over, so at least ``events``
     start = end_s - days * 86400
     providers = "['openai','openai','anthropic','anthropic','google']"
     models = "['gpt-4o-mini','gpt-4o','claude-sonnet-4-20250514','claude-3-5-haiku-20241022','gemini-2.0-flash']"
@@ -669,6 +730,20 @@ def query(sizes: Sizes, work: Path) -> list[Row]:
                     times.append(elapsed)
             results["top100"] = {"p50_ms": ms(percentile(times, 50)), "p95_ms": ms(percentile(times, 95)),
                                  "runs": len(times), "subjects_returned": len(data), "top": len(top)}  # fmt: skip
+            if sizes.profile:
+                subject_hour = [("windowSize", "HOUR"), ("groupBy", "model"), ("from", lo), ("to", hi)]
+                for key, params in (("HOUR", subject_hour), ("top100", [("groupBy", "subject"), ("from", lo),
+                                                                         ("to", hi)])):  # fmt: skip
+                    profiler = Profiler(
+                        {"sink": stack.pids()["sink"]}, sizes.profile_seconds, work / "profiles" / f"query-{key}"
+                    ).start()
+                    until = time.monotonic() + sizes.profile_seconds
+                    while time.monotonic() < until:
+                        subject = (
+                            [("subject", f"user-{rng.randrange(sizes.query_subjects):05d}")] if key == "HOUR" else []
+                        )
+                        _timed(client, url, subject + params)
+                    results[key]["profile"] = profiler.collect()
         usage = sampler.stop()
     finally:
         stack.stop()

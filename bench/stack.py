@@ -70,10 +70,10 @@ class BenchStack(MultiProcessStack):
 
     def processor_metric(self, service: Service, name: str) -> float:
         """Sum of a Prometheus counter over its labels, from a processor's /metrics."""
-        url = self.processor_ready_url(service).replace("/readyz", "/metrics")
-        text = httpx.get(url, timeout=5).text
-        pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+([0-9.e+]+)$", re.MULTILINE)
-        return sum(float(m) for m in pattern.findall(text))
+        return metric(self.processor_ready_url(service).replace("/readyz", "/metrics"), name)
+
+    def sink_metric(self, name: str) -> float:
+        return metric(f"{self.query_url}/metrics", name)
 
     def stored_requests(self, client: httpx.Client | None = None) -> int:
         """The requests meter over all time, as the query API answers it (-1 if it does not answer)."""
@@ -104,3 +104,10 @@ class BenchStack(MultiProcessStack):
 
 def bench_stack(base: Path, partitions: int = 4, **env: str) -> BenchStack:
     return BenchStack(base=base, partitions=partitions, extra_env=dict(env))
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of a Prometheus metric over its labels, from a /metrics endpoint (0 if absent)."""
+    text = httpx.get(url, timeout=5).text
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+([-0-9.e+]+)$", re.MULTILINE)
+    return sum(float(m) for m in pattern.findall(text))
