@@ -179,14 +179,31 @@ def expected_totals(sents: list[Sent]) -> dict[str, Decimal]:
     }
 
 
+#: SDK clients opened by a test, closed after it (an unclosed client's sockets surface, as warnings, in
+#: whatever test runs when they are collected).
+_OPENED: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+def opened(client: Any) -> Any:
+    _OPENED.append(client)
+    return client
+
+
 def openai_client(stub: StubProviders, meter: mc.MeterstreamClient | mc.AsyncMeterstreamClient) -> openai.OpenAI:
-    return mc.instrument_openai(openai.OpenAI(base_url=f"{stub.url}/v1", api_key="test", max_retries=0), meter)
+    return mc.instrument_openai(opened(openai.OpenAI(base_url=f"{stub.url}/v1", api_key="test", max_retries=0)), meter)
 
 
 def anthropic_client(
     stub: StubProviders, meter: mc.MeterstreamClient | mc.AsyncMeterstreamClient
 ) -> anthropic.Anthropic:
-    return mc.instrument_anthropic(anthropic.Anthropic(base_url=stub.url, api_key="test", max_retries=0), meter)
+    return mc.instrument_anthropic(opened(anthropic.Anthropic(base_url=stub.url, api_key="test", max_retries=0)), meter)
 
 
 def make_openai_calls(client: openai.OpenAI, ledger: Ledger, subjects: list[str], tag: str) -> None:
@@ -388,9 +405,9 @@ def test_wrapped_clients_behave_exactly_like_the_originals(stub: StubProviders) 
         return httpx.Response(204)
 
     with mc.MeterstreamClient("http://meterstream.test", transport=httpx.MockTransport(accept)) as meter:
-        plain_oai = openai.OpenAI(base_url=f"{stub.url}/v1", api_key="test", max_retries=0)
+        plain_oai = opened(openai.OpenAI(base_url=f"{stub.url}/v1", api_key="test", max_retries=0))
         wrapped_oai = openai_client(stub, meter)
-        plain_ant = anthropic.Anthropic(base_url=stub.url, api_key="test", max_retries=0)
+        plain_ant = opened(anthropic.Anthropic(base_url=stub.url, api_key="test", max_retries=0))
         wrapped_ant = anthropic_client(stub, meter)
         assert type(wrapped_oai) is openai.OpenAI and type(wrapped_ant) is anthropic.Anthropic
 
