@@ -160,3 +160,28 @@ def test_two_ingest_worker_processes(tmp_path: Path) -> None:
         finish(stack, load)
     finally:
         stack.stop()
+
+
+def test_local_mode_killed_mid_stream_resumes_on_the_same_broker(tmp_path: Path) -> None:
+    """`meterstream up` killed with SIGKILL under load: its broker (a session of its own) survives, and the
+    next `meterstream up` picks it up again, so nothing acknowledged is lost and nothing is doubled."""
+    from tests.helpers.stack import LocalStack
+
+    stack = LocalStack(tmp_path / "data").start()
+    try:
+        broker_pid = stack.broker_pid()
+        load = Load(stack.url, seed=9)
+        load.start()
+        time.sleep(3)
+        stack.kill()
+        time.sleep(1)
+        stack.start()
+        assert stack.broker_pid() == broker_pid, "the broker should have been reused"
+        time.sleep(2)
+        load.stop()
+        assert not load.errors, load.errors
+        wait_until_stored(stack.url, len(load.sent))
+        assert_exact(stack.url, load.sent)
+    finally:
+        stack.stop()
+        stack.kill_broker()
