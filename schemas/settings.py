@@ -84,7 +84,7 @@ class IngestSettings(_Service):
     produce_timeout_ms: int = Field(default=5000, ge=100)
     #: Recently acknowledged (source, id) keys remembered to drop retries before they reach Kafka.
     recent_keys: int = Field(default=200_000, ge=0)
-    linger_ms: int = Field(default=2, ge=0)
+    linger_ms: int = Field(default=1, ge=0)
 
 
 class ProcessorSettings(_Service):
