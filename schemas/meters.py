@@ -10,6 +10,18 @@ from typing import Any, Final, Literal
 #: Dimensions a query may group by or filter on.
 GROUP_BY_KEYS: Final = ("subject", "provider", "model")
 
+#: The counts summed per window, in the order they are stored (the cost, in USD, comes beside them).
+WINDOW_COUNTS: Final = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "unpriced_requests",
+)
+
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CREATED: Final = datetime(2026, 1, 1, tzinfo=UTC)
 

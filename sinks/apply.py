@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
+from schemas.meters import WINDOW_COUNTS
 from schemas.records import AuditColumns, WindowsRecord
 
 #: (source, id) of an event.
@@ -29,23 +29,12 @@ WindowKey = tuple[str, str, str, int]
 #: (events topic id, partition).
 Source = tuple[str, int]
 
-_COUNTS: Final = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "unpriced_requests",
-)
-
 
 @dataclass(slots=True)
 class Totals:
-    """Counts (in ``_COUNTS`` order) and cost in atto-dollars of one window."""
+    """Counts (in ``WINDOW_COUNTS`` order) and cost in atto-dollars of one window."""
 
-    counts: list[int] = field(default_factory=lambda: [0] * len(_COUNTS))
+    counts: list[int] = field(default_factory=lambda: [0] * len(WINDOW_COUNTS))
     cost_atto: int = 0
 
     def is_zero(self) -> bool:

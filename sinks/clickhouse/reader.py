@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
-from schemas.meters import GROUP_BY_KEYS
+from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS
 from schemas.query import Difference, EventFilter, MeterQuery, QueryRow, WindowSize
 from sinks.clickhouse.connection import ClickHouse
 
@@ -163,17 +163,7 @@ def list_events_sql(f: EventFilter) -> Sql:
     return sql, params
 
 
-_RECONCILE_COUNTS: Final = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "unpriced_requests",
-    "cost_usd",
-)
+_RECONCILE_COUNTS: Final = (*WINDOW_COUNTS, "cost_usd")
 
 
 def reconcile_sql(start: datetime, end: datetime) -> Sql:

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from schemas.events import from_micros, to_micros
+from schemas.meters import WINDOW_COUNTS
 from schemas.money import from_atto
 from schemas.records import AUDIT_COLUMNS
 from sinks.apply import Coords, EventKey, Plan, Source
@@ -52,14 +53,7 @@ _WINDOW_COLUMNS: Final = (
     "model",
     "src_topic",
     "src_partition",
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "unpriced_requests",
+    *WINDOW_COUNTS,
     "cost_usd",
     "applied_offset",
 )
