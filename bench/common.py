@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -105,8 +106,13 @@ class ProcessSampler:
 
     @staticmethod
     def _rss_mb(proc: psutil.Process) -> float:
+        """RSS of the process and its children (ingest with several workers is a process tree)."""
         try:
-            return proc.memory_info().rss / 2**20
+            total = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            return total / 2**20
         except psutil.Error:
             return 0.0
 

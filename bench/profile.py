@@ -2,7 +2,8 @@
 
 py-spy attaches to a running process from outside (no code change, little overhead at 100 Hz) and writes
 collapsed stacks; :func:`summarize` turns them into the functions with the most samples, by own time
-(the frame on top of the stack) and by total time (anywhere on the stack), and by thread.
+(the frame on top of the stack), by total time (anywhere on the stack; Meterstream's functions only) and
+by thread. Shares are of the samples in which a thread was running (py-spy leaves idle threads out).
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def _frame(frame: str) -> str:
     return f"{function} ({path})" if path else function
 
 
+#: Meterstream's packages; "by total" lists only their functions (the frames above them are the event loop
+#: and the web framework, on every stack), leaving out the entry points.
+_OURS = ("ingest/", "processors/", "sinks/", "schemas/", "query/", "meterstream/")
+_ENTRY = ("meterstream/cli.py", "meterstream/services.py", "<module>")
+
+
+def _ours(function: str) -> bool:
+    where = function.rpartition("(")[2]
+    return where.startswith(_OURS) and not any(entry in function for entry in _ENTRY)
+
+
 def summarize(path: Path, top: int = 15) -> dict[str, list[tuple[str, float]]]:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
@@ -93,7 +105,7 @@ def summarize(path: Path, top: int = 15) -> dict[str, list[tuple[str, float]]]:
             threads[thread] += count
         if calls:
             own[calls[-1]] += count
-            for function in set(calls):
+            for function in {c for c in calls if _ours(c)}:
                 total[function] += count
     if not samples:
         return {"self": [], "total": [], "threads": []}
