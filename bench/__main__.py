@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import scenarios
-from bench.common import Row, log, machine, table, write_results
+from bench.common import ForeignLoad, Row, log, machine, table, write_results
 
 SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "ingest": scenarios.ingest,
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tutorial-query-events", type=int, help="rows loaded into SQLite/PostgreSQL for queries")
     parser.add_argument("--freshness-seconds", type=float, help="duration of the freshness run")
     parser.add_argument("--rate", type=float, help="events/s of the steady load (freshness, soak)")
+    parser.add_argument("--no-baselines", action="store_true", help="Meterstream only (Quix Streams is skipped)")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of the measured processes")
     parser.add_argument("--work-dir", type=Path, help="where the stacks keep their data (default: a temp dir)")
     return parser
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         "freshness_events_per_s": args.rate,
         "soak_events_per_s": args.rate,
         "profile": args.profile or None,
+        "baselines": False if args.no_baselines else None,
     }
     sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="meterstream-bench-"))
@@ -74,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         log(f"--- {name}")
         t0 = time.monotonic()
+        foreign = ForeignLoad().start()
         try:
             rows.extend(SCENARIOS[name](sizes, work))
         except Exception as exc:
             traceback.print_exc()
             failures.append(f"{name}: {type(exc).__name__}: {exc}"[:2000])
-        log(f"--- {name} took {time.monotonic() - t0:.0f}s")
+        neighbours = foreign.stop()
+        meta.setdefault("foreign_load", {})[name] = neighbours
+        log(f"--- {name} took {time.monotonic() - t0:.0f}s; other processes on the machine used {neighbours}")
     meta["seconds"] = round(time.monotonic() - started)
     meta["failures"] = failures
     path = write_results(rows, meta)
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; "
           f"ratio > 1: Meterstream is better\n")  # fmt: skip
     print(table(rows))
+    busy = {name: load["mean_cores"] for name, load in meta["foreign_load"].items() if load["mean_cores"] > 0.05}
+    if busy:
+        print(f"\nnote: other processes on this machine used CPU meanwhile (mean cores by scenario): {busy}")
     print(f"\nraw results: {path}")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)

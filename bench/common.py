@@ -154,6 +154,53 @@ def usage_dict(usage: Iterable[ProcessUsage]) -> dict[str, dict[str, float]]:
     }
 
 
+class ForeignLoad:
+    """CPU used on this machine by processes that are not the bench's own (the bench and its descendants):
+    the machine is shared, and a busy neighbour makes every number here worse. Sampled every 2 s."""
+
+    def __init__(self, interval_s: float = 2.0) -> None:
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._samples: list[float] = []
+        self._top: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._loop, name="bench-foreign-load", daemon=True)
+
+    def _loop(self) -> None:
+        me = psutil.Process()
+        procs: dict[int, psutil.Process] = {}
+        while not self._stop.wait(self._interval_s):
+            ours = {me.pid} | {c.pid for c in me.children(recursive=True)}
+            total = 0.0
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                if proc.pid in ours:
+                    continue
+                known = procs.setdefault(proc.pid, proc)
+                try:
+                    cores = known.cpu_percent(None) / 100
+                except psutil.Error:
+                    continue
+                total += cores
+                if cores > 0.05:
+                    name = " ".join((proc.info.get("cmdline") or [proc.info.get("name") or "?"])[:3])[:80]
+                    self._top[name] = self._top.get(name, 0.0) + cores * self._interval_s
+            self._samples.append(total)
+
+    def start(self) -> ForeignLoad:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        samples = self._samples[1:]  # the first sample has no interval behind it
+        top = sorted(self._top.items(), key=lambda kv: -kv[1])[:3]
+        return {
+            "mean_cores": round(sum(samples) / len(samples), 3) if samples else 0.0,
+            "max_cores": round(max(samples), 3) if samples else 0.0,
+            "top_cpu_seconds": {name: round(seconds, 1) for name, seconds in top},
+        }
+
+
 # -- the machine, the code, the report --------------------------------------------------------------------
 
 

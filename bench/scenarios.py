@@ -28,7 +28,7 @@ from bench.events import body_templates
 from bench.loadgen import Load, LoadResult, LoadSpec, run_load
 from bench.prefill import Prefill, PrefillSpec
 from bench.profile import Profiler
-from bench.stack import BenchStack, bench_stack
+from bench.stack import BenchStack, bench_stack, histogram
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EVENTS_TOPIC = "meterstream.events"
@@ -65,6 +65,8 @@ class Sizes:
     #: Profile the measured processes with py-spy (bench/profile.py) during dedicated runs.
     profile: bool = False
     profile_seconds: float = 15.0
+    #: Run the alternatives (SQLite, PostgreSQL, Quix Streams) too.
+    baselines: bool = True
     #: The tiny sizes of ``--smoke``: optional runs (second worker, unpriced baseline) are left out.
     smoke: bool = False
 
@@ -498,9 +500,10 @@ def processing(sizes: Sizes, work: Path) -> list[Row]:
             service.stop(30)
         total = 1000 + sizes.processing_events
         quix_events = min(total, sizes.quix_events)
-        quix = _quix(stack, quix_events, pricing=True)
-        log(f"Quix Streams (priced with genai-prices): {quix}")
-        if not sizes.smoke:
+        if sizes.baselines:
+            quix = _quix(stack, quix_events, pricing=True)
+            log(f"Quix Streams (priced with genai-prices): {quix}")
+        if sizes.baselines and not sizes.smoke:
             quix_unpriced = _quix(stack, quix_events, pricing=False)
             log(f"Quix Streams (no pricing): {quix_unpriced}")
     finally:
@@ -646,10 +649,15 @@ def freshness(sizes: Sizes, work: Path) -> list[Row]:
             time.sleep(0.1)
         probes.stop()
         usage = sampler.stop()
+        # The sink's own measure, acceptance at ingest to the write into ClickHouse, per record: the part
+        # of the freshness spent before the query API could see the event.
+        stored_lag = histogram(f"{stack.query_url}/metrics", "meterstream_sink_freshness_seconds")
     finally:
         stack.stop()
     lags = [probes.visible[s] - t for s, t in probes.sent.items() if s in probes.visible]
     details = {
+        "mean_s": sum(lags) / len(lags) if lags else None,
+        "sink_accepted_to_stored_s": stored_lag,
         "probes": len(probes.sent),
         "visible": len(lags),
         "load_events_per_s": result.events_per_s,
@@ -874,7 +882,9 @@ def soak(sizes: Sizes, work: Path) -> list[Row]:
     finally:
         stack.stop()
     series = sampler.series
-    settle = min(60.0, seconds / 4)
+    # Bounded caches (recent keys: 200,000 in ingest and in each processor, 100,000 in the sink) fill in
+    # the first minutes: growth is judged over the last two thirds of the run.
+    settle = seconds / 3
     settled = [s for s in series if s[0] >= settle] or series
     first, last = settled[0][1], settled[-1][1]
     rows = []
@@ -894,8 +904,8 @@ def soak(sizes: Sizes, work: Path) -> list[Row]:
                 + (" (holds every event: in-memory broker)" if held else ""),
                 "MB",
                 growth,
-                target="" if held else "no growth",
-                met=None if held else growth <= max(20.0, 0.05 * first[name]),
+                target="" if held else "no growth (<= 10%)",
+                met=None if held else growth <= max(20.0, 0.10 * first[name]),
                 details={"from_mb": first[name], "to_mb": last[name], "series": series},
             )
         )

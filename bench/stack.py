@@ -111,3 +111,19 @@ def metric(url: str, name: str) -> float:
     text = httpx.get(url, timeout=5).text
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+([-0-9.e+]+)$", re.MULTILINE)
     return sum(float(m) for m in pattern.findall(text))
+
+
+def histogram(url: str, name: str) -> dict[str, float]:
+    """Mean and bucket-resolution p50 / p95 of a Prometheus histogram (summed over its labels)."""
+    text = httpx.get(url, timeout=5).text
+    buckets: dict[float, float] = {}
+    for bound, value in re.findall(
+        rf'^{re.escape(name)}_bucket\{{[^}}]*le="([^"]+)"[^}}]*\}}\s+([-0-9.e+]+)$', text, re.M
+    ):
+        key = float("inf") if bound == "+Inf" else float(bound)
+        buckets[key] = buckets.get(key, 0.0) + float(value)
+    count, total = metric(url, f"{name}_count"), metric(url, f"{name}_sum")
+    result = {"count": count, "mean": total / count if count else 0.0}
+    for q in (50, 95):
+        result[f"p{q}_at_most"] = next((b for b, c in sorted(buckets.items()) if c >= q / 100 * count), 0.0)
+    return result
