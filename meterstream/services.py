@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -85,9 +86,19 @@ async def _serve(app: Starlette, host: str, port: int, log_level: str) -> None:
 def _run(app: Starlette, host: str, port: int, log_level: str) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and exit 0. (uvicorn re-raises the signal
     once its graceful shutdown is done; that must not turn a clean stop into a crash.)"""
+    _tune_gc()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(app, host, port, log_level))
+
+
+def _tune_gc() -> None:
+    """Every record decodes into thousands of short-lived objects: collect the young generation less often,
+    and keep what start-up loaded (modules, price data) out of every collection (measured: ~10% of the
+    processor's time per event)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 # -- ingest ---------------------------------------------------------------------------------------------
