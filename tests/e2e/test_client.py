@@ -315,6 +315,15 @@ def test_async_clients(stack: LocalStack, stub: StubProviders, run: str) -> None
     async def calls(meter: mc.AsyncMeterstreamClient) -> None:
         oai = mc.instrument_openai(openai.AsyncOpenAI(base_url=f"{stub.url}/v1", api_key="test", max_retries=0), meter)
         ant = mc.instrument_anthropic(anthropic.AsyncAnthropic(base_url=stub.url, api_key="test", max_retries=0), meter)
+        try:
+            await exercise(oai, ant, meter)
+        finally:  # an unclosed client's sockets would surface as warnings in a later test
+            await oai.close()
+            await ant.close()
+
+    async def exercise(
+        oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic, meter: mc.AsyncMeterstreamClient
+    ) -> None:
         for i, subject in enumerate(subjects):
             ledger.expect(subject)
             await oai.chat.completions.create(
@@ -353,8 +362,6 @@ def test_async_clients(stack: LocalStack, stub: StubProviders, run: str) -> None
             ) as stream:
                 await stream.get_final_message()
         assert await meter.flush(timeout=30)
-        await oai.close()
-        await ant.close()
 
     async def main() -> mc.DeliveryStats:
         async with mc.AsyncMeterstreamClient(stack.url, flush_interval=0.05, retry=FAST_RETRY) as meter:
