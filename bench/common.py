@@ -154,6 +154,11 @@ def usage_dict(usage: Iterable[ProcessUsage]) -> dict[str, dict[str, float]]:
     }
 
 
+#: Processes the bench started outside its own process tree (the PostgreSQL server daemonises): they and
+#: their descendants are not "other processes" for :class:`ForeignLoad`.
+OWN_ROOTS: set[int] = set()
+
+
 class ForeignLoad:
     """CPU used on this machine by processes that are not the bench's own (the bench and its descendants):
     the machine is shared, and a busy neighbour makes every number here worse. Sampled every 2 s."""
@@ -170,6 +175,11 @@ class ForeignLoad:
         procs: dict[int, psutil.Process] = {}
         while not self._stop.wait(self._interval_s):
             ours = {me.pid} | {c.pid for c in me.children(recursive=True)}
+            for root in list(OWN_ROOTS):
+                try:
+                    ours |= {root} | {c.pid for c in psutil.Process(root).children(recursive=True)}
+                except psutil.Error:
+                    OWN_ROOTS.discard(root)
             total = 0.0
             for proc in psutil.process_iter(["name", "cmdline"]):
                 if proc.pid in ours:

@@ -7,6 +7,7 @@ root; as root the server runs as the ``postgres`` user.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -16,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import OWN_ROOTS
 from meterstream.broker import free_port
 
 
@@ -59,6 +61,8 @@ class PostgresServer:
         options = f"-p {server.port} -k {socket_dir} -c listen_addresses='' -c max_wal_size=4GB"
         log_path = base / "postgres.log"
         server._run(_bin("pg_ctl") or "pg_ctl", "-D", str(data_dir), "-o", options, "-l", str(log_path), "-w", "start")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            OWN_ROOTS.add(int((data_dir / "postmaster.pid").read_text().split()[0]))
         return server
 
     def _run(self, *command: str) -> None:
