@@ -159,12 +159,12 @@ def processor_app(settings: ProcessorSettings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        await processor.app.start()
+        await processor.start()
         started.set()
         try:
             yield
         finally:
-            await processor.app.stop()
+            await processor.stop()
 
     return build_app([], {"faust": started.is_set}, lifespan)
 
@@ -262,14 +262,14 @@ def local_app(local: LocalSettings) -> Starlette:
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         sink_thread.start()
-        await processor.app.start()
+        await processor.start()
         log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
         try:
             yield
         finally:
             await asyncio.to_thread(producer.close)
             drained = await _drain(producer.acknowledged, sink, events_topic_id)
-            await processor.app.stop()
+            await processor.stop()
             sink.stop()
             await asyncio.to_thread(sink_thread.join)
             ch.close()

@@ -121,7 +121,7 @@ class SinkSettings(_Service):
     group_id: str = "meterstream-sink"
     #: A batch is written when it holds this many events, or when the oldest record waited max_wait_ms.
     batch_events: int = Field(default=50_000, ge=1)
-    max_wait_ms: int = Field(default=1000, ge=1)
+    max_wait_ms: int = Field(default=500, ge=1)
     retry_initial_ms: int = Field(default=200, ge=1)
     retry_max_ms: int = Field(default=10_000, ge=1)
     #: Recently stored (source, id) keys kept in memory in front of the audit-log lookup.

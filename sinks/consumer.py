@@ -84,6 +84,9 @@ class Sink:
                 "max.poll.interval.ms": "600000",
                 "fetch.max.bytes": str(64 * 1024 * 1024),
                 "max.partition.fetch.bytes": str(16 * 1024 * 1024),
+                # Some Kafka-protocol brokers (the bundled one) answer a fetch only when its wait is
+                # over, even once data arrived: a short wait bounds what that adds to freshness.
+                "fetch.wait.max.ms": "50",
                 "logger": logging.getLogger("librdkafka.sink"),
             }
         )

@@ -14,7 +14,7 @@ from ingest.producer import BrokerUnavailable, EventProducer
 from ingest.service import IngestService
 from meterstream.broker import LocalBroker, free_port
 from meterstream.topics import ensure_topics, topic_id
-from processors.app import Processor
+from processors.app import FETCH_MAX_WAIT_MS, Processor
 from processors.pricing import Pricer
 from schemas.records import decode_events, decode_windows
 from schemas.settings import IngestSettings, KafkaSettings, ProcessorSettings, TopicSettings
@@ -149,12 +149,17 @@ async def test_processor_turns_each_record_into_one_output(kafka: KafkaSettings,
     producer.close()
     inputs = read_all(kafka, topics.events, 100, timeout_s=5)
     processor = Processor(settings, Pricer(), topic_id(kafka, topics.events))
-    await processor.app.start()
+    await processor.start()
     try:
         outputs = await asyncio.to_thread(read_all, kafka, topics.windows, len(inputs), 30)
+        # The short fetch wait reached the running consumer (it bounds freshness on the bundled broker).
+        fetcher = processor.app.consumer._thread._ensure_consumer()._fetcher
+        assert fetcher._fetch_max_wait_ms == FETCH_MAX_WAIT_MS
     finally:
-        await processor.app.stop()
+        await processor.stop()
     assert len(outputs) == len(inputs)
+    # Faust's data directory goes with the processor.
+    assert not await asyncio.to_thread(processor.app.conf.datadir.exists)
     by_source = {}
     for partition, _, value, _ in outputs:
         record = decode_windows(value)
