@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from typing import NamedTuple
 
 from schemas.meters import Meter
 
@@ -39,9 +40,9 @@ class MeterQuery:
     exclude: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class QueryRow:
-    """One window of one group. ``group`` maps each grouped dimension (subject included) to its value."""
+class QueryRow(NamedTuple):
+    """One window of one group. ``group`` maps each grouped dimension (subject included) to its value.
+    (A tuple: a large grouped query makes tens of thousands of them.)"""
 
     window_start: datetime
     window_end: datetime
