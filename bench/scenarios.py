@@ -456,7 +456,9 @@ def _processing_run(sizes: Sizes, work: Path, workers: int) -> tuple[dict[str, A
     return result, stack
 
 
-def _quix(stack: BenchStack, events: int, pricing: bool) -> dict[str, Any] | None:
+def _quix(stack: BenchStack, events: int, pricing: bool, profile: Profiler | None = None) -> dict[str, Any] | None:
+    """Quix Streams on the pre-filled topic; ``profile`` (its pids filled in here) starts at the first
+    aggregated event."""
     python = altvenv.python()
     if python is None:
         return None
@@ -473,9 +475,13 @@ def _quix(stack: BenchStack, events: int, pricing: bool) -> dict[str, Any] | Non
     for line in process.stdout:
         if line.startswith("{"):
             reports.append(json.loads(line))
+            if profile is not None and len(reports) == 1:
+                profile.pids = {"quix": process.pid}
+                profile.start()
             if reports[-1].get("done"):
                 break
     usage = sampler.stop()
+    profiled = profile.collect() if profile is not None else None
     process.terminate()
     try:
         process.wait(30)
@@ -488,7 +494,10 @@ def _quix(stack: BenchStack, events: int, pricing: bool) -> dict[str, Any] | Non
         return None
     first, last = reports[0], reports[-1]
     rate = (last["events"] - first["events"]) / max(1e-9, last["t"] - first["t"])
-    return {"events": last["events"], "events_per_s": rate, "pricing": pricing, "processes": usage_dict(usage)}
+    result = {"events": last["events"], "events_per_s": rate, "pricing": pricing, "processes": usage_dict(usage)}
+    if profiled is not None:
+        result["profile"] = profiled
+    return result
 
 
 def processing(sizes: Sizes, work: Path) -> list[Row]:
@@ -501,7 +510,8 @@ def processing(sizes: Sizes, work: Path) -> list[Row]:
         total = 1000 + sizes.processing_events
         quix_events = min(total, sizes.quix_events)
         if sizes.baselines:
-            quix = _quix(stack, quix_events, pricing=True)
+            profile = Profiler({}, sizes.profile_seconds, work / "profiles" / "quix") if sizes.profile else None
+            quix = _quix(stack, quix_events, pricing=True, profile=profile)
             log(f"Quix Streams (priced with genai-prices): {quix}")
         if sizes.baselines and not sizes.smoke:
             quix_unpriced = _quix(stack, quix_events, pricing=False)
@@ -557,7 +567,9 @@ class _Probes:
         self.visible: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._since = datetime.now(UTC) - timedelta(hours=1)
+        # Whole minutes, as a dashboard asks: a range starting mid-minute also reads that minute's edge
+        # from the audit log, and the poller would measure its own load.
+        self._since = (datetime.now(UTC) - timedelta(hours=1)).replace(second=0, microsecond=0)
 
     def send(self, client: httpx.Client, n: int) -> None:
         subject = f"probe-{n}"
