@@ -74,8 +74,12 @@ def _filters(query: MeterQuery, params: dict[str, Any]) -> list[str]:
     for dimension, values in query.include.items():
         if dimension not in GROUP_BY_KEYS:
             raise ValueError(f"unknown dimension {dimension}")
-        params[f"in_{dimension}"] = list(values)
-        clauses.append(f"{dimension} IN {{in_{dimension}:Array(String)}}")
+        if len(values) == 1:  # the common case (one subject), and a cheaper plan than IN
+            params[f"in_{dimension}"] = values[0]
+            clauses.append(f"{dimension} = {{in_{dimension}:String}}")
+        else:
+            params[f"in_{dimension}"] = list(values)
+            clauses.append(f"{dimension} IN {{in_{dimension}:Array(String)}}")
     for dimension, values in query.exclude.items():
         if dimension not in GROUP_BY_KEYS:
             raise ValueError(f"unknown dimension {dimension}")

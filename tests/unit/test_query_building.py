@@ -110,7 +110,11 @@ class TestSql:
             build_query(COST, {"subject": [nasty], "filterGroupBy": {"model": [nasty]}, "windowTimeZone": "UTC"})
         )
         assert nasty not in sql
-        assert params["in_subject"] == [nasty] and params["in_model"] == [nasty]
+        assert params["in_subject"] == nasty and params["in_model"] == nasty
+        assert "subject = {in_subject:String}" in sql
+        sql, params = meter_query_sql(build_query(COST, {"subject": [nasty, "b"], "windowTimeZone": "UTC"}))
+        assert nasty not in sql
+        assert params["in_subject"] == [nasty, "b"] and "subject IN {in_subject:Array(String)}" in sql
 
     def test_aligned_range_reads_only_windows(self) -> None:
         sql, params = meter_query_sql(q(("from", "2025-01-01T00:00:00Z"), ("to", "2025-01-01T01:00:00Z")))
