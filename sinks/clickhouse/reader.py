@@ -209,17 +209,20 @@ class MeterReader:
         sql, params = meter_query_sql(query)
         result = self._ch.client().query(sql, parameters=params)
         dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
+        # Unwindowed: the window is the query's range where it has bounds (converted once, not per row).
+        range_start = _utc(query.start) if query.window_size is None and query.start else None
+        range_end = _utc(query.end) if query.window_size is None and query.end else None
         rows = []
-        times: dict[datetime, datetime] = {}  # rows share their windows: convert each once
         for row in result.result_rows:
             window_start, window_end, *groups, value = row
-            if query.window_size is None:
-                window_start = query.start or window_start
-                window_end = query.end or window_end
-            start = times.get(window_start) or times.setdefault(window_start, _utc(window_start))
-            end = times.get(window_end) or times.setdefault(window_end, _utc(window_end))
-            group = dict(zip(dims, groups, strict=True))
-            rows.append(QueryRow(start, end, group, value if isinstance(value, Decimal) else Decimal(value)))
+            rows.append(
+                QueryRow(
+                    range_start or _utc(window_start),
+                    range_end or _utc(window_end),
+                    dict(zip(dims, groups, strict=True)),
+                    Decimal(value),
+                )
+            )
         return rows
 
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
