@@ -32,7 +32,7 @@ from processors.pricing import Pricer
 from processors.windows import WindowPolicy, process_record
 from schemas.recent import RecentKeys
 from schemas.records import EventsRecord, decode_events, encode
-from schemas.settings import ProcessorSettings
+from schemas.settings import CONSUMER_FETCH_MAX_WAIT_MS, ProcessorSettings
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ RETRIES = Counter("meterstream_processor_batch_retries_total", "Batches retried 
 
 #: Exit status when a batch is interrupted and the process must die without acknowledging it.
 EXIT_UNACKED: Final = 70
-#: How long the broker may hold a fetch that has no data yet.
-FETCH_MAX_WAIT_MS: Final = 50
 _MAX_UNPRICED_LABELS: Final = 500
 
 
@@ -205,10 +203,9 @@ class Processor:
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        # Faust fixes the fetch wait at 1.5 s, and some Kafka-protocol brokers (the bundled one) answer a
-        # fetch only when its wait is over, even once data arrived: that would add up to 1.5 s to
-        # freshness. aiokafka reads the attribute when the consumer starts, which is later.
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        # Faust fixes the fetch wait at 1.5 s (see CONSUMER_FETCH_MAX_WAIT_MS for why that matters).
+        # aiokafka reads the attribute when the consumer starts, which is later.
+        consumer._fetch_max_wait_ms = CONSUMER_FETCH_MAX_WAIT_MS
         return consumer
 
 

@@ -8,12 +8,17 @@ Every service has its own prefix (``METERSTREAM_INGEST_``, ``METERSTREAM_PROCESS
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.events import DEFAULT_USAGE_EVENT_TYPE
+
+#: How long a consumer (processor, sink) lets the broker hold a fetch that has no data yet. Some
+#: Kafka-protocol brokers (the bundled one) answer a fetch only when its wait is over, even once data has
+#: arrived, so the wait adds to the time from a 204 to a visible result; Apache Kafka answers at once.
+CONSUMER_FETCH_MAX_WAIT_MS: Final = 50
 
 
 class KafkaSettings(BaseModel):

@@ -23,7 +23,7 @@ from rbloom import Bloom
 
 from schemas.recent import RecentKeys
 from schemas.records import WindowsRecord, decode_windows
-from schemas.settings import SinkSettings
+from schemas.settings import CONSUMER_FETCH_MAX_WAIT_MS, SinkSettings
 from sinks.apply import Coords, EventKey, Plan, Source, plan_batch
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ class Sink:
                 "max.poll.interval.ms": "600000",
                 "fetch.max.bytes": str(64 * 1024 * 1024),
                 "max.partition.fetch.bytes": str(16 * 1024 * 1024),
-                # Some Kafka-protocol brokers (the bundled one) answer a fetch only when its wait is
-                # over, even once data arrived: a short wait bounds what that adds to freshness.
-                "fetch.wait.max.ms": "50",
+                "fetch.wait.max.ms": str(CONSUMER_FETCH_MAX_WAIT_MS),
                 "logger": logging.getLogger("librdkafka.sink"),
             }
         )

@@ -14,10 +14,10 @@ from ingest.producer import BrokerUnavailable, EventProducer
 from ingest.service import IngestService
 from meterstream.broker import LocalBroker, free_port
 from meterstream.topics import ensure_topics, topic_id
-from processors.app import FETCH_MAX_WAIT_MS, Processor
+from processors.app import Processor
 from processors.pricing import Pricer
 from schemas.records import decode_events, decode_windows
-from schemas.settings import IngestSettings, KafkaSettings, ProcessorSettings, TopicSettings
+from schemas.settings import CONSUMER_FETCH_MAX_WAIT_MS, IngestSettings, KafkaSettings, ProcessorSettings, TopicSettings
 from schemas.topics import partition_for
 
 pytestmark = pytest.mark.integration
@@ -154,7 +154,7 @@ async def test_processor_turns_each_record_into_one_output(kafka: KafkaSettings,
         outputs = await asyncio.to_thread(read_all, kafka, topics.windows, len(inputs), 30)
         # The short fetch wait reached the running consumer (it bounds freshness on the bundled broker).
         fetcher = processor.app.consumer._thread._ensure_consumer()._fetcher
-        assert fetcher._fetch_max_wait_ms == FETCH_MAX_WAIT_MS
+        assert fetcher._fetch_max_wait_ms == CONSUMER_FETCH_MAX_WAIT_MS
     finally:
         await processor.stop()
     assert len(outputs) == len(inputs)
