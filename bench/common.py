@@ -9,7 +9,7 @@ import platform
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,8 +79,12 @@ class ProcessSampler:
     ``start()`` records the CPU times, ``stop()`` returns each process's CPU use over the interval and its
     final and peak RSS. ``series`` keeps (elapsed s, {name: rss MB}) samples, for soak runs."""
 
-    def __init__(self, pids: dict[str, int], interval_s: float = 0.5) -> None:
+    def __init__(
+        self, pids: dict[str, int], interval_s: float = 0.5, extra: Callable[[], dict[str, float]] | None = None
+    ) -> None:
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        #: Further MB figures sampled with the RSS (e.g. the embedded engine's own accounting), into ``series``.
+        self._extra = extra
         self._interval_s = interval_s
         self._start_cpu: dict[str, float] = {}
         self._peak: dict[str, float] = dict.fromkeys(self._procs, 0.0)
@@ -120,6 +124,8 @@ class ProcessSampler:
         sample = {name: self._rss_mb(proc) for name, proc in self._procs.items()}
         for name, rss in sample.items():
             self._peak[name] = max(self._peak[name], rss)
+        if self._extra is not None:
+            sample |= self._extra()
         self.series.append((time.monotonic() - self._started, sample))
 
     def _loop(self) -> None:

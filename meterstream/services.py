@@ -15,13 +15,14 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
@@ -47,6 +48,7 @@ from schemas.settings import (
     TopicSettings,
 )
 from sinks.clickhouse.connection import ClickHouse
+from sinks.clickhouse.metrics import EngineMemory
 from sinks.clickhouse.reader import MeterReader
 from sinks.clickhouse.schema import migrate
 from sinks.clickhouse.store import WindowStore
@@ -182,6 +184,18 @@ def _sink_parts(settings: SinkSettings) -> tuple[ClickHouse, Sink, MeterReader]:
     return ch, Sink(settings, WindowStore(ch)), MeterReader(ch)
 
 
+@contextlib.contextmanager
+def _engine_memory_metrics(ch: ClickHouse) -> Iterator[None]:
+    """The engine's memory accounting on /metrics while the app runs (unregistered after: tests build
+    many apps in one process)."""
+    collector = EngineMemory(ch)
+    REGISTRY.register(collector)
+    try:
+        yield
+    finally:
+        REGISTRY.unregister(collector)
+
+
 def sink_app(settings: SinkSettings) -> Starlette:
     ch, sink, reader = _sink_parts(settings)
     thread = threading.Thread(target=sink.run, name="sink", daemon=True)
@@ -190,7 +204,8 @@ def sink_app(settings: SinkSettings) -> Starlette:
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread.start()
         try:
-            yield
+            with _engine_memory_metrics(ch):
+                yield
         finally:
             sink.stop()
             await asyncio.to_thread(thread.join)
@@ -265,7 +280,8 @@ def local_app(local: LocalSettings) -> Starlette:
         await processor.start()
         log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
         try:
-            yield
+            with _engine_memory_metrics(ch):
+                yield
         finally:
             await asyncio.to_thread(producer.close)
             drained = await _drain(producer.acknowledged, sink, events_topic_id)

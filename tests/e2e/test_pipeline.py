@@ -260,3 +260,14 @@ def test_data_survives_a_restart(stack: LocalStack, ingested: list[Sent], tmp_pa
     assert stack.stop() == 0
     stack.start()
     assert query(stack, "cost_usd", [("groupBy", "subject")]) == before
+
+
+def test_engine_memory_on_metrics(stack: LocalStack, ingested: list[Sent]) -> None:
+    """The embedded engine's own memory accounting is scraped with the rest (most of the sink's RSS)."""
+    samples = {
+        line.split('metric="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{stack.url}/metrics").text.splitlines()
+        if line.startswith("meterstream_clickhouse_memory_bytes{")
+    }
+    assert samples["MemoryTracking"] > 0  # the engine has stored and answered queries by now
+    assert {"MarkCacheBytes", "MergesMutationsMemoryTracking", "QueryConditionCacheBytes"} <= samples.keys()
