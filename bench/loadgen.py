@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import resource
 import time
@@ -203,6 +204,12 @@ def _cpu_s() -> float:
 
 
 def _run_worker(spec: LoadSpec, index: int, start_wall: float) -> LoadResult:
+    # No cyclic garbage collection in the load generator: its collections stop its event loop for
+    # milliseconds, and every request in flight then looks that much slower. Measured against a server that
+    # answers at once, at 1,000 requests/s: p99 13.6-15.3 ms with collections, 1.9-2.9 ms without. A worker
+    # lives for one run; what it allocates is freed by reference counting.
+    gc.collect()
+    gc.disable()
     run: Callable[..., Any] = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
