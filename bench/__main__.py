@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("scenarios", nargs="*", help=f"{', '.join(SCENARIOS)} (default: {' '.join(DEFAULT)})")
     parser.add_argument("--smoke", action="store_true", help="every scenario at a tiny size (proves the harness)")
     parser.add_argument("--minutes", type=float, help="soak duration")
+    parser.add_argument("--settle", type=float, help="soak: seconds before growth is judged (default: a third)")
     parser.add_argument("--processing-events", type=int, help="events pre-filled for the processing scenario")
     parser.add_argument("--query-events", type=int, help="events' worth of windows stored for the query scenario")
     parser.add_argument("--tutorial-query-events", type=int, help="rows loaded into SQLite/PostgreSQL for queries")
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = scenarios.SMOKE if args.smoke else scenarios.FULL
     overrides = {
         "soak_minutes": args.minutes,
+        "soak_settle_s": args.settle,
         "processing_events": args.processing_events,
         "query_events": args.query_events,
         "tutorial_query_events": args.tutorial_query_events,

@@ -63,6 +63,8 @@ class Sizes:
     tutorial_top_runs: int = 3
     soak_minutes: float = 10.0
     soak_events_per_s: float = 2000.0
+    #: Seconds of the soak before growth is judged (None: the first third of the run).
+    soak_settle_s: float | None = None
     #: Profile the measured processes with py-spy (bench/profile.py) during dedicated runs.
     profile: bool = False
     profile_seconds: float = 15.0
@@ -938,8 +940,8 @@ def soak(sizes: Sizes, work: Path) -> list[Row]:
         stack.stop()
     series = sampler.series
     # Bounded caches (recent keys: 200,000 in ingest and in each processor, 100,000 in the sink) fill in
-    # the first minutes: growth is judged over the last two thirds of the run.
-    settle = seconds / 3
+    # the first minutes: growth is judged over the last two thirds of the run, or after --settle seconds.
+    settle = sizes.soak_settle_s if sizes.soak_settle_s is not None else seconds / 3
     settled = [s for s in series if s[0] >= settle] or series
     first, last = settled[0][1], settled[-1][1]
     rows = []
@@ -959,7 +961,8 @@ def soak(sizes: Sizes, work: Path) -> list[Row]:
         rows.append(
             Row(
                 "soak",
-                f"{name} {what} growth, {settle:.0f}s to {series[-1][0]:.0f}s at {result.events_per_s:,.0f} events/s"
+                f"{name} {what} growth, {settled[0][0]:.0f}s to {series[-1][0]:.0f}s"
+                f" at {result.events_per_s:,.0f} events/s"
                 + (" (holds every event: in-memory broker)" if name == "broker" else ""),
                 "MB",
                 growth,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
@@ -11,37 +10,43 @@ V = TypeVar("V")
 
 
 class RecentKeys(Generic[K, V]):
-    """At most ``capacity`` keys with a value each; adding beyond that forgets the oldest.
+    """At most ``capacity`` keys with a value each, and at least the ``capacity // 2`` added last.
 
     Used only in front of an authoritative check, never as one: forgetting a key costs a lookup, not a
     double count.
+
+    Two generations of plain dicts: keys go into the young one; when it holds half the capacity, the old
+    one is dropped whole and the young one becomes old. Not an exact LRU (an ``OrderedDict`` evicting its
+    first key on every add): under a steady stream of new keys that one keeps reallocating its tables in
+    place, and a process holding one took ~10 capacities' worth of keys (~1,000 s at 2,000 events/s) to
+    reach its plateau of memory, which was twice this one's for the same capacity; it also cost ~1 µs more
+    per key (BENCHMARKS.md, "Soak").
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        # OrderedDict, not dict: evicting a plain dict's first key again and again makes finding the first
-        # key ever slower (deleted slots pile up in front), O(n) per eviction.
-        self._items: OrderedDict[K, V] = OrderedDict()
+        self._generation = capacity // 2
+        self._young: dict[K, V] = {}
+        self._old: dict[K, V] = {}
 
     def get(self, key: K) -> V | None:
-        return self._items.get(key)
+        if key in self._young:
+            return self._young[key]
+        return self._old.get(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
+        return key in self._young or key in self._old
 
     def add(self, key: K, value: V) -> None:
-        if self.capacity <= 0:
+        if self._generation <= 0:
             return
-        self._items[key] = value
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        self._young[key] = value
+        if len(self._young) >= self._generation:
+            self._old, self._young = self._young, {}
 
     def add_all(self, items: Iterable[tuple[K, V]]) -> None:
         for key, value in items:
             self.add(key, value)
 
     def clear(self) -> None:
-        self._items.clear()
+        self._young, self._old = {}, {}

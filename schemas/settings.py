@@ -87,7 +87,8 @@ class IngestSettings(_Service):
     max_future_s: int = Field(default=3600, ge=0)
     #: How long a request waits for the broker's acknowledgement before answering 503.
     produce_timeout_ms: int = Field(default=5000, ge=100)
-    #: Recently acknowledged (source, id) keys remembered to drop retries before they reach Kafka.
+    #: Recently acknowledged (source, id) keys remembered to drop retries before they reach Kafka (at most
+    #: this many, and always the latest half of them).
     recent_keys: int = Field(default=200_000, ge=0)
     linger_ms: int = Field(default=1, ge=0)
 
@@ -107,7 +108,8 @@ class ProcessorSettings(_Service):
     #: Records taken per batch from the events topic.
     batch_records: int = Field(default=500, ge=1)
     batch_within_ms: int = Field(default=20, ge=1)
-    #: Recently counted (source, id) keys remembered per worker to drop duplicates early.
+    #: Recently counted (source, id) keys remembered per worker to drop duplicates early (at most this many,
+    #: and always the latest half of them).
     recent_keys: int = Field(default=200_000, ge=0)
     #: Consumer-group session timeout. Short, because the local broker (Tansu) makes a join wait half of it.
     session_timeout_s: float = Field(default=6.0, gt=0)
@@ -129,7 +131,8 @@ class SinkSettings(_Service):
     max_wait_ms: int = Field(default=500, ge=1)
     retry_initial_ms: int = Field(default=200, ge=1)
     retry_max_ms: int = Field(default=10_000, ge=1)
-    #: Recently stored (source, id) keys kept in memory in front of the audit-log lookup.
+    #: Recently stored (source, id) keys kept in memory in front of the audit-log lookup (at most this many,
+    #: and always the latest half of them).
     recent_keys: int = Field(default=100_000, ge=0)
     #: A resent event is recognised if it was first stored less than this long ago (a Bloom filter of
     #: these keys decides which events need the exact audit-log lookup).
