@@ -89,7 +89,6 @@ def _run(app: Starlette, host: str, port: int, log_level: str) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully and exit 0. (uvicorn re-raises the signal
     once its graceful shutdown is done; that must not turn a clean stop into a crash.)"""
     tune_gc()
-    tune_malloc()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(app, host, port, log_level))
@@ -124,7 +123,6 @@ def ingest_app_from_environment() -> Starlette:
     configure_logging(settings.log_level)
     app = ingest_app(settings)
     tune_gc()
-    tune_malloc()
     return app
 
 
@@ -167,6 +165,7 @@ def processor_app(settings: ProcessorSettings) -> Starlette:
 
 
 def run_processor(settings: ProcessorSettings) -> None:
+    tune_malloc()
     _run(processor_app(settings), "0.0.0.0", settings.metrics_port, settings.log_level)
 
 
@@ -211,6 +210,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
 
 
 def run_sink(settings: SinkSettings) -> None:
+    tune_malloc()
     _run(sink_app(settings), settings.host, settings.port, settings.log_level)
 
 
