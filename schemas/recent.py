@@ -24,7 +24,6 @@ class RecentKeys(Generic[K, V]):
     """
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
         self._generation = capacity // 2
         self._young: dict[K, V] = {}
         self._old: dict[K, V] = {}
