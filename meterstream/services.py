@@ -22,15 +22,20 @@ from typing import Any
 
 import uvicorn
 from prometheus_client import REGISTRY
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from control.postgres.store import PostgresStore
+from control.routes import control_routes
+from control.service import ControlService
 from ingest.producer import EventProducer
 from ingest.routes import ingest_routes
 from ingest.service import IngestService
 from meterstream.broker import reuse_or_start
 from meterstream.http import build_app
 from meterstream.logs import configure_logging
+from meterstream.pgserver import EmbeddedPostgres
 from meterstream.runtime import tune_gc, tune_malloc
 from meterstream.topics import ensure_topics, topic_id
 from processors.app import Processor
@@ -42,6 +47,7 @@ from schemas.settings import (
     IngestSettings,
     KafkaSettings,
     LocalSettings,
+    PostgresSettings,
     ProcessorSettings,
     QuerySettings,
     SinkSettings,
@@ -78,6 +84,27 @@ def make_quoter(pricer: Pricer) -> PriceQuoter:
         }
 
     return quote
+
+
+def make_control(
+    postgres: PostgresSettings, default_plan: str | None, reader: MeterReader
+) -> tuple[list[BaseRoute], PostgresStore | None]:
+    """The control plane's routes over PostgreSQL and the metered usage; none without a DSN."""
+    if postgres.dsn is None:
+        return [], None
+    store = PostgresStore(postgres.dsn.get_secret_value(), max_size=postgres.pool_max, timeout_s=postgres.timeout_s)
+    return list(control_routes(ControlService(store, reader, default_plan))), store
+
+
+@contextlib.asynccontextmanager
+async def _opened(store: PostgresStore | None) -> AsyncIterator[None]:
+    if store is not None:
+        await store.open()
+    try:
+        yield
+    finally:
+        if store is not None:
+            await store.close()
 
 
 async def _serve(app: Starlette, host: str, port: int, log_level: str) -> None:
@@ -194,18 +221,24 @@ def sink_app(settings: SinkSettings) -> Starlette:
     ch, sink, reader = _sink_parts(settings)
     thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
+    control, store = make_control(settings.postgres, settings.default_plan, reader)
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread.start()
         try:
-            with _engine_memory_metrics(ch):
-                yield
+            async with _opened(store):
+                with _engine_memory_metrics(ch):
+                    yield
         finally:
             sink.stop()
             await asyncio.to_thread(thread.join)
             ch.close()
 
-    routes = query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)))
+    routes = [
+        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
+        *control,
+    ]
     return build_app(routes, {"storage": reader.check, "sink": thread.is_alive}, lifespan)
 
 
@@ -221,11 +254,16 @@ def query_app(settings: QuerySettings) -> Starlette:
     ch = ClickHouse(settings.clickhouse)
     migrate(ch)
     reader = MeterReader(ch)
-    routes = query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)))
+    control, store = make_control(settings.postgres, settings.default_plan, reader)
+    routes = [
+        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
+        *control,
+    ]
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
+        async with _opened(store):
+            yield
         ch.close()
 
     return build_app(routes, {"storage": reader.check}, lifespan)
@@ -261,7 +299,13 @@ def local_app(local: LocalSettings) -> Starlette:
     )
     ensure_topics(kafka, topics)
     events_topic_id = topic_id(kafka, topics.events)
+    postgres = local.postgres
+    embedded_pg = None
+    if postgres.dsn is None:
+        embedded_pg = EmbeddedPostgres.start(data_dir / "postgres")
+        postgres = postgres.model_copy(update={"dsn": SecretStr(embedded_pg.uri)})
     ch, sink, reader = _sink_parts(sink_settings)
+    control, store = make_control(postgres, local.default_plan, reader)
     processor = Processor(processor_settings, pricer, events_topic_id)
     producer = EventProducer(
         kafka.to_librdkafka(), topics.events, ingest_settings.produce_timeout_ms, ingest_settings.linger_ms
@@ -275,8 +319,9 @@ def local_app(local: LocalSettings) -> Starlette:
         await processor.start()
         log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
         try:
-            with _engine_memory_metrics(ch):
-                yield
+            async with _opened(store):
+                with _engine_memory_metrics(ch):
+                    yield
         finally:
             await asyncio.to_thread(producer.close)
             drained = await _drain(producer.acknowledged, sink, events_topic_id)
@@ -284,6 +329,8 @@ def local_app(local: LocalSettings) -> Starlette:
             sink.stop()
             await asyncio.to_thread(sink_thread.join)
             ch.close()
+            if embedded_pg is not None and embedded_pg.started:
+                embedded_pg.stop()
             if drained:
                 broker.stop()
                 state_file.unlink(missing_ok=True)
@@ -302,6 +349,7 @@ def local_app(local: LocalSettings) -> Starlette:
             ingest_settings.usage_event_type,
             make_quoter(make_pricer(processor_settings.price_overrides)),
         ),
+        *control,
     ]
     return build_app(routes, {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}, lifespan)
 

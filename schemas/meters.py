@@ -26,7 +26,7 @@ _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CREATED: Final = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _stable_ulid(slug: str) -> str:
+def stable_ulid(slug: str) -> str:
     """A ULID that is the same on every installation, so meter ids can be stored by clients."""
     millis = int(_CREATED.timestamp() * 1000)
     value = (millis << 80) | int.from_bytes(hashlib.sha256(slug.encode()).digest()[:10], "big")
@@ -46,7 +46,7 @@ class Meter:
 
     @property
     def id(self) -> str:
-        return _stable_ulid(self.slug)
+        return stable_ulid(self.slug)
 
     def to_api(self, event_type: str) -> dict[str, Any]:
         """The meter as OpenMeter's v1 API shows it (``Meter`` in the spec)."""

@@ -65,6 +65,16 @@ class ClickHouseSettings(BaseModel):
     cluster: str = ""
 
 
+class PostgresSettings(BaseModel):
+    """The control plane's store (limits, grants, plans). No DSN: the control-plane API is off."""
+
+    #: ``postgresql://user:password@host:5432/meterstream`` (libpq URI or key=value string).
+    dsn: SecretStr | None = None
+    pool_max: int = Field(default=8, ge=1, le=200)
+    #: How long a request waits for a connection before answering 503 (PostgreSQL unreachable).
+    timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
 class _Service(BaseSettings):
     usage_event_type: str = DEFAULT_USAGE_EVENT_TYPE
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -144,6 +154,9 @@ class SinkSettings(_Service):
     #: HTTP port for health, metrics and the query API (0: none).
     port: int = Field(default=8889, ge=0, le=65535)
     price_overrides: Path | None = None
+    postgres: PostgresSettings = PostgresSettings()
+    #: Plan applied to subjects that have none (its key; see README "Limits").
+    default_plan: str | None = None
 
 
 class QuerySettings(_Service):
@@ -155,6 +168,9 @@ class QuerySettings(_Service):
     host: str = "127.0.0.1"
     port: int = Field(default=8890, ge=0, le=65535)
     price_overrides: Path | None = None
+    postgres: PostgresSettings = PostgresSettings()
+    #: Plan applied to subjects that have none (its key; see README "Limits").
+    default_plan: str | None = None
 
 
 class LocalSettings(BaseSettings):
@@ -168,3 +184,7 @@ class LocalSettings(BaseSettings):
     #: Port of the bundled broker (0: pick a free one).
     broker_port: int = Field(default=0, ge=0, le=65535)
     partitions: int = Field(default=4, ge=1, le=64)
+    #: An external PostgreSQL for the control plane; by default an embedded one runs in the data directory.
+    postgres: PostgresSettings = PostgresSettings()
+    #: Plan applied to subjects that have none (its key; see README "Limits").
+    default_plan: str | None = None

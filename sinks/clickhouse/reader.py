@@ -8,7 +8,7 @@ edges from the audit log, and both are bucketed and summed together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
@@ -88,9 +88,9 @@ def _filters(query: MeterQuery, params: dict[str, Any]) -> list[str]:
     return clauses
 
 
-def meter_query_sql(query: MeterQuery) -> Sql:
-    """SQL and parameters answering a meter query."""
-    params: dict[str, Any] = {"tz": query.time_zone}
+def _usage_union(query: MeterQuery, params: dict[str, Any]) -> str:
+    """The minute rows (``ts, subject, provider, model, v``) of a query's range: whole minutes from the
+    windows, partial minutes at the edges from the audit log."""
     column = query.meter.column
     filters = _filters(query, params)
     start, end = _bounded(query.start), _bounded(query.end)
@@ -128,7 +128,13 @@ def meter_query_sql(query: MeterQuery) -> Sql:
             "SELECT toDateTime(toStartOfMinute(time), 'UTC') AS ts, subject, provider, model, "
             f"{_EVENT_VALUE[column]} AS v FROM usage_events FINAL WHERE {' AND '.join(where)}"
         )
-    union = " UNION ALL ".join(parts)
+    return " UNION ALL ".join(parts)
+
+
+def meter_query_sql(query: MeterQuery) -> Sql:
+    """SQL and parameters answering a meter query."""
+    params: dict[str, Any] = {"tz": query.time_zone}
+    union = _usage_union(query, params)
     dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
     dim_list = "".join(f", {d}" for d in dims)
     if query.window_size is None:
@@ -151,6 +157,21 @@ def meter_query_sql(query: MeterQuery) -> Sql:
             f"SELECT {bucket} AS window_start{dim_list}, sum(v) AS value FROM ({union}) "
             f"GROUP BY window_start{dim_list}) ORDER BY window_start{dim_list}"
         )
+    return sql, params
+
+
+def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql:
+    """Totals of a meter query's range cut at ``boundaries`` (whole UTC minutes strictly inside it): row
+    *i* is segment *i* (``[boundaries[i-1], boundaries[i])``, the range's own ends outside), and segments
+    without usage have no row. The rows are the query API's own, so the totals add up to its answer."""
+    if any(b.second or b.microsecond for b in boundaries):
+        raise ValueError("segment boundaries must be whole minutes")
+    params: dict[str, Any] = {"tz": query.time_zone, "bounds": list(boundaries)}
+    union = _usage_union(query, params)
+    sql = (
+        "SELECT arrayCount(b -> b <= ts, {bounds:Array(DateTime('UTC'))}) AS segment, sum(v) AS value "
+        f"FROM ({union}) GROUP BY segment ORDER BY segment"
+    )
     return sql, params
 
 
@@ -224,6 +245,21 @@ class MeterReader:
                 )
             )
         return rows
+
+    def segment_totals(self, query: MeterQuery, boundaries: Sequence[datetime]) -> list[Decimal]:
+        """The query's total in each segment between ``boundaries`` (see :func:`segment_totals_sql`)."""
+        sql, params = segment_totals_sql(query, boundaries)
+        totals = [Decimal(0)] * (len(boundaries) + 1)
+        for segment, value in self._ch.client().query(sql, parameters=params).result_rows:
+            totals[segment] = Decimal(value)
+        return totals
+
+    def usage_subjects(self) -> list[tuple[str, datetime]]:
+        """Every subject with stored usage, and the start of its first window."""
+        result = self._ch.client().query(
+            "SELECT subject, min(window_start) FROM usage_windows WHERE subject != '' GROUP BY subject ORDER BY subject"
+        )
+        return [(subject, _utc(first)) for subject, first in result.result_rows]
 
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
         sql, params = list_events_sql(f)

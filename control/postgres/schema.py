@@ -1,0 +1,167 @@
+"""The control plane's PostgreSQL schema, as versioned migrations applied in order, once.
+
+Applied by ``meterstream migrate`` and at every start; concurrent starts serialise on an advisory lock, and
+each migration commits together with its row in ``meterstream_migrations``, so a crash mid-way leaves the
+schema at the previous version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+#: Key of the advisory lock that serialises migrations (any fixed number unique to Meterstream).
+_MIGRATION_LOCK: Final = 0x6D657465
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        1,
+        "features, subjects, entitlements, grants, usage resets, plans",
+        """
+        CREATE TABLE features (
+            id text PRIMARY KEY,
+            key text NOT NULL,
+            name text NOT NULL,
+            meter_slug text,
+            meter_group_by_filters jsonb NOT NULL DEFAULT '{}',
+            metadata jsonb,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            archived_at timestamptz
+        );
+        -- One live feature per key; archived ones keep their key for history.
+        CREATE UNIQUE INDEX features_key_live ON features (key) WHERE archived_at IS NULL;
+
+        CREATE TABLE subjects (
+            id text PRIMARY KEY,
+            key text NOT NULL UNIQUE,
+            display_name text,
+            metadata jsonb,
+            current_period_start timestamptz,
+            current_period_end timestamptz,
+            stripe_customer_id text,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL
+        );
+
+        CREATE TABLE entitlements (
+            id text PRIMARY KEY,
+            subject_key text NOT NULL,
+            feature_id text NOT NULL REFERENCES features (id),
+            feature_key text NOT NULL,
+            type text NOT NULL CHECK (type IN ('metered', 'boolean', 'static')),
+            usage_period_interval text,
+            usage_period_anchor timestamptz,
+            usage_period_time_zone text,
+            measure_usage_from timestamptz,
+            is_soft_limit boolean NOT NULL DEFAULT false,
+            is_unlimited boolean NOT NULL DEFAULT false,
+            issue_after_reset numeric CHECK (issue_after_reset >= 0),
+            issue_after_reset_priority smallint NOT NULL DEFAULT 1,
+            preserve_overage_at_reset boolean NOT NULL DEFAULT false,
+            config text,
+            metadata jsonb,
+            -- Made by assigning this plan, from this template (canonical JSON): the plan's to change.
+            plan_key text,
+            plan_template text,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            deleted_at timestamptz,
+            CHECK (type <> 'metered' OR (usage_period_interval IS NOT NULL AND measure_usage_from IS NOT NULL))
+        );
+        -- One live entitlement per subject and feature.
+        CREATE UNIQUE INDEX entitlements_live ON entitlements (subject_key, feature_key) WHERE deleted_at IS NULL;
+        CREATE INDEX entitlements_feature ON entitlements (feature_id);
+
+        CREATE TABLE grants (
+            id text PRIMARY KEY,
+            entitlement_id text NOT NULL REFERENCES entitlements (id),
+            amount numeric NOT NULL CHECK (amount >= 0),
+            priority smallint NOT NULL CHECK (priority BETWEEN 1 AND 255),
+            effective_at timestamptz NOT NULL,
+            expiration_duration text NOT NULL,
+            expiration_count integer NOT NULL,
+            expires_at timestamptz NOT NULL,
+            max_rollover_amount numeric NOT NULL,
+            min_rollover_amount numeric NOT NULL,
+            recurrence_interval text,
+            recurrence_anchor timestamptz,
+            recurrence_time_zone text,
+            metadata jsonb,
+            annotations jsonb,
+            voided_at timestamptz,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL
+        );
+        CREATE INDEX grants_entitlement ON grants (entitlement_id);
+
+        CREATE TABLE usage_resets (
+            entitlement_id text NOT NULL REFERENCES entitlements (id),
+            reset_at timestamptz NOT NULL,
+            retain_anchor boolean NOT NULL,
+            preserve_overage boolean NOT NULL,
+            created_at timestamptz NOT NULL,
+            PRIMARY KEY (entitlement_id, reset_at)
+        );
+
+        CREATE TABLE plans (
+            id text PRIMARY KEY,
+            key text NOT NULL,
+            name text NOT NULL,
+            description text,
+            version integer NOT NULL,
+            entitlements jsonb NOT NULL,
+            metadata jsonb,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            deleted_at timestamptz
+        );
+        CREATE UNIQUE INDEX plans_key_live ON plans (key) WHERE deleted_at IS NULL;
+
+        CREATE TABLE subject_plans (
+            subject_key text PRIMARY KEY,
+            plan_key text NOT NULL,
+            plan_version integer NOT NULL,
+            is_default boolean NOT NULL,
+            assigned_at timestamptz NOT NULL
+        );
+        """,
+    ),
+)
+
+
+def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
+    """Apply the migrations not applied yet; returns the versions applied now."""
+    applied: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS meterstream_migrations ("
+            "version integer PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM meterstream_migrations").fetchall()}
+        for migration in MIGRATIONS:
+            if migration.version in done:
+                continue
+            with conn.transaction():
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO meterstream_migrations (version, description) VALUES (%s, %s)",
+                    (migration.version, migration.description),
+                )
+            log.info("postgres: applied migration %d (%s)", migration.version, migration.description)
+            applied.append(migration.version)
+    return applied

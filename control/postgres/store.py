@@ -1,0 +1,608 @@
+"""The control plane's store on PostgreSQL (psycopg 3, an async connection pool). The only code that
+imports the PostgreSQL driver, besides the migrations beside it.
+
+Every operation runs inside a transaction handed out by :meth:`PostgresStore.tx`; a unit of work that
+must see and change several rows atomically (assigning a plan, creating a subject's first entitlements)
+takes the subject's advisory lock first (:meth:`PgTx.lock_subject`), so concurrent requests for one subject
+serialise while others run in parallel. A lost connection or an unreachable server raises
+:class:`StoreUnavailable` (answered 503 with Retry-After); the pool reconnects on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Final
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from control.model import (
+    Entitlement,
+    EntitlementType,
+    Feature,
+    Grant,
+    Plan,
+    Subject,
+    SubjectPlan,
+    UsageReset,
+)
+from control.periods import Interval, RecurringPeriod
+from control.postgres.schema import migrate
+from control.store import Conflict, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_FEATURE_ORDER: Final = {"id": "id", "key": "key", "name": "name", "createdAt": "created_at", "updatedAt": "updated_at"}
+_ENTITLEMENT_ORDER: Final = {"createdAt": "created_at", "updatedAt": "updated_at"}
+_GRANT_ORDER: Final = {"id": "id", "createdAt": "created_at", "updatedAt": "updated_at"}
+
+
+def apply_migrations(dsn: str, timeout_s: float = 10.0) -> list[int]:
+    """Apply the schema migrations (synchronously: from the CLI, and from a store before its first use)."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=max(1, int(timeout_s))) as conn:
+            return migrate(conn)
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"PostgreSQL is not reachable: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _period(interval: str | None, anchor: datetime | None, time_zone: str | None) -> RecurringPeriod | None:
+    if interval is None or anchor is None:
+        return None
+    return RecurringPeriod(Interval.parse(interval), anchor, time_zone or "UTC")
+
+
+def _feature(r: DictRow) -> Feature:
+    return Feature(
+        id=r["id"],
+        key=r["key"],
+        name=r["name"],
+        meter_slug=r["meter_slug"],
+        filters=r["meter_group_by_filters"] or {},
+        metadata=r["metadata"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        archived_at=r["archived_at"],
+    )
+
+
+def _subject(r: DictRow) -> Subject:
+    return Subject(
+        id=r["id"],
+        key=r["key"],
+        display_name=r["display_name"],
+        metadata=r["metadata"],
+        current_period_start=r["current_period_start"],
+        current_period_end=r["current_period_end"],
+        stripe_customer_id=r["stripe_customer_id"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+    )
+
+
+def _entitlement(r: DictRow) -> Entitlement:
+    return Entitlement(
+        id=r["id"],
+        subject_key=r["subject_key"],
+        feature_id=r["feature_id"],
+        feature_key=r["feature_key"],
+        type=EntitlementType(r["type"]),
+        usage_period=_period(r["usage_period_interval"], r["usage_period_anchor"], r["usage_period_time_zone"]),
+        measure_usage_from=r["measure_usage_from"],
+        is_soft_limit=r["is_soft_limit"],
+        is_unlimited=r["is_unlimited"],
+        issue_after_reset=r["issue_after_reset"],
+        issue_after_reset_priority=r["issue_after_reset_priority"],
+        preserve_overage_at_reset=r["preserve_overage_at_reset"],
+        config=r["config"],
+        metadata=r["metadata"],
+        plan_key=r["plan_key"],
+        plan_template=r["plan_template"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        deleted_at=r["deleted_at"],
+    )
+
+
+def _grant(r: DictRow) -> Grant:
+    return Grant(
+        id=r["id"],
+        entitlement_id=r["entitlement_id"],
+        amount=r["amount"],
+        priority=r["priority"],
+        effective_at=r["effective_at"],
+        expiration_duration=r["expiration_duration"],
+        expiration_count=r["expiration_count"],
+        expires_at=r["expires_at"],
+        max_rollover_amount=r["max_rollover_amount"],
+        min_rollover_amount=r["min_rollover_amount"],
+        recurrence=_period(r["recurrence_interval"], r["recurrence_anchor"], r["recurrence_time_zone"]),
+        metadata=r["metadata"],
+        annotations=r["annotations"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        voided_at=r["voided_at"],
+    )
+
+
+def _plan(r: DictRow) -> Plan:
+    return Plan(
+        id=r["id"],
+        key=r["key"],
+        name=r["name"],
+        description=r["description"],
+        version=r["version"],
+        entitlements=tuple(r["entitlements"]),
+        metadata=r["metadata"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        deleted_at=r["deleted_at"],
+    )
+
+
+def _json(value: Mapping[str, Any] | None) -> Jsonb | None:
+    return None if value is None else Jsonb(dict(value))
+
+
+class PgTx:
+    """The store's operations inside one transaction."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        self._conn = conn
+
+    async def _all(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[DictRow]:
+        cur = await self._conn.execute(sql.encode(), params)
+        return await cur.fetchall()
+
+    async def _one(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> DictRow | None:
+        cur = await self._conn.execute(sql.encode(), params)
+        return await cur.fetchone()
+
+    async def _write(self, sql: str, params: Sequence[Any] | Mapping[str, Any], what: str) -> int:
+        try:
+            cur = await self._conn.execute(sql.encode(), params)
+        except psycopg.errors.UniqueViolation:
+            raise Conflict(what) from None
+        return cur.rowcount
+
+    async def lock_subject(self, subject_key: str) -> None:
+        """Serialise this transaction with every other that locks the same subject (until it ends)."""
+        await self._conn.execute(b"SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (subject_key,))
+
+    async def now(self) -> datetime:
+        row = await self._one("SELECT clock_timestamp() AS now")
+        assert row is not None
+        now: datetime = row["now"]
+        return now
+
+    # -- features --------------------------------------------------------------------------------------
+
+    async def insert_feature(self, f: Feature) -> None:
+        await self._write(
+            "INSERT INTO features (id, key, name, meter_slug, meter_group_by_filters, metadata, created_at, updated_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (f.id, f.key, f.name, f.meter_slug, Jsonb(dict(f.filters)), _json(f.metadata), f.created_at, f.updated_at),
+            f"a feature with key {f.key} already exists",
+        )
+
+    async def feature(self, id_or_key: str, include_archived: bool = True) -> Feature | None:
+        """By id, else the live feature with this key, else (if allowed) the latest archived one."""
+        row = await self._one(
+            "SELECT * FROM features WHERE id = %(k)s OR key = %(k)s "
+            "ORDER BY id = %(k)s DESC, archived_at IS NULL DESC, archived_at DESC LIMIT 1",
+            {"k": id_or_key},
+        )
+        if row is None or (row["archived_at"] is not None and not include_archived):
+            return None
+        return _feature(row)
+
+    async def features(
+        self,
+        *,
+        meter_slugs: Sequence[str],
+        include_archived: bool,
+        order_by: str,
+        descending: bool,
+        offset: int,
+        limit: int | None,
+    ) -> tuple[list[Feature], int]:
+        where, params = ["TRUE"], {}
+        if meter_slugs:
+            where.append("meter_slug = ANY(%(slugs)s)")
+            params["slugs"] = list(meter_slugs)
+        if not include_archived:
+            where.append("archived_at IS NULL")
+        cond = " AND ".join(where)
+        order = f"{_FEATURE_ORDER[order_by]} {'DESC' if descending else 'ASC'}, id"
+        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = await self._all(
+            f"SELECT * FROM features WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}", params
+        )
+        total = await self._one(f"SELECT count(*) AS n FROM features WHERE {cond}", params)
+        return [_feature(r) for r in rows], int(total["n"]) if total else 0
+
+    async def archive_feature(self, feature_id: str, at: datetime) -> None:
+        await self._conn.execute(
+            b"UPDATE features SET archived_at = %s, updated_at = %s WHERE id = %s AND archived_at IS NULL",
+            (at, at, feature_id),
+        )
+
+    async def live_entitlements_of_feature(self, feature_id: str) -> int:
+        row = await self._one(
+            "SELECT count(*) AS n FROM entitlements WHERE feature_id = %s AND deleted_at IS NULL", (feature_id,)
+        )
+        return int(row["n"]) if row else 0
+
+    # -- subjects --------------------------------------------------------------------------------------
+
+    async def upsert_subject(self, s: Subject, fields: Sequence[str]) -> Subject:
+        """Insert, or update only ``fields`` (API names mapped to columns) of an existing subject."""
+        columns = {
+            "displayName": "display_name",
+            "metadata": "metadata",
+            "currentPeriodStart": "current_period_start",
+            "currentPeriodEnd": "current_period_end",
+            "stripeCustomerId": "stripe_customer_id",
+        }
+        values = {
+            "display_name": s.display_name,
+            "metadata": _json(s.metadata),
+            "current_period_start": s.current_period_start,
+            "current_period_end": s.current_period_end,
+            "stripe_customer_id": s.stripe_customer_id,
+        }
+        updates = "".join(f", {columns[f]} = EXCLUDED.{columns[f]}" for f in fields if f in columns)
+        row = await self._one(
+            "INSERT INTO subjects (id, key, display_name, metadata, current_period_start, current_period_end, "
+            "stripe_customer_id, created_at, updated_at) VALUES (%(id)s, %(key)s, %(display_name)s, %(metadata)s, "
+            "%(current_period_start)s, %(current_period_end)s, %(stripe_customer_id)s, %(now)s, %(now)s) "
+            f"ON CONFLICT (key) DO UPDATE SET updated_at = EXCLUDED.updated_at{updates} RETURNING *",
+            {"id": s.id, "key": s.key, "now": s.updated_at, **values},
+        )
+        assert row is not None
+        return _subject(row)
+
+    async def subject(self, id_or_key: str) -> Subject | None:
+        row = await self._one(
+            "SELECT * FROM subjects WHERE key = %(k)s OR id = %(k)s ORDER BY key = %(k)s DESC LIMIT 1", {"k": id_or_key}
+        )
+        return _subject(row) if row else None
+
+    async def subjects(self) -> list[Subject]:
+        return [_subject(r) for r in await self._all("SELECT * FROM subjects ORDER BY key")]
+
+    async def delete_subject(self, key: str) -> bool:
+        cur = await self._conn.execute(b"DELETE FROM subjects WHERE key = %s", (key,))
+        return cur.rowcount > 0
+
+    # -- entitlements ----------------------------------------------------------------------------------
+
+    async def insert_entitlement(self, e: Entitlement) -> None:
+        period = e.usage_period
+        await self._write(
+            "INSERT INTO entitlements (id, subject_key, feature_id, feature_key, type, usage_period_interval, "
+            "usage_period_anchor, usage_period_time_zone, measure_usage_from, is_soft_limit, is_unlimited, "
+            "issue_after_reset, issue_after_reset_priority, preserve_overage_at_reset, config, metadata, plan_key, "
+            "plan_template, created_at, updated_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                e.id,
+                e.subject_key,
+                e.feature_id,
+                e.feature_key,
+                e.type.value,
+                period.interval.iso if period else None,
+                period.anchor if period else None,
+                period.time_zone if period else None,
+                e.measure_usage_from,
+                e.is_soft_limit,
+                e.is_unlimited,
+                e.issue_after_reset,
+                e.issue_after_reset_priority,
+                e.preserve_overage_at_reset,
+                e.config,
+                _json(e.metadata),
+                e.plan_key,
+                e.plan_template,
+                e.created_at,
+                e.updated_at,
+            ),
+            f"subject {e.subject_key} already has an entitlement for feature {e.feature_key}",
+        )
+
+    async def entitlement(self, entitlement_id: str) -> Entitlement | None:
+        row = await self._one("SELECT * FROM entitlements WHERE id = %s", (entitlement_id,))
+        return _entitlement(row) if row else None
+
+    async def live_entitlement(self, subject_key: str, id_or_feature_key: str) -> Entitlement | None:
+        """The subject's live entitlement with this id or feature key (an id may also name a deleted one)."""
+        row = await self._one(
+            "SELECT * FROM entitlements WHERE subject_key = %(s)s AND ((feature_key = %(k)s AND deleted_at IS NULL) "
+            "OR id = %(k)s) ORDER BY deleted_at IS NULL DESC LIMIT 1",
+            {"s": subject_key, "k": id_or_feature_key},
+        )
+        return _entitlement(row) if row else None
+
+    async def subject_entitlements(self, subject_key: str, include_deleted: bool) -> list[Entitlement]:
+        cond = "" if include_deleted else " AND deleted_at IS NULL"
+        rows = await self._all(
+            f"SELECT * FROM entitlements WHERE subject_key = %s{cond} ORDER BY created_at, id", (subject_key,)
+        )
+        return [_entitlement(r) for r in rows]
+
+    async def entitlements(
+        self,
+        *,
+        features: Sequence[str],
+        subjects: Sequence[str],
+        types: Sequence[str],
+        order_by: str,
+        descending: bool,
+        offset: int,
+        limit: int | None,
+    ) -> tuple[list[Entitlement], int]:
+        where, params = ["deleted_at IS NULL"], {}
+        if features:
+            where.append("(feature_key = ANY(%(f)s) OR feature_id = ANY(%(f)s))")
+            params["f"] = list(features)
+        if subjects:
+            where.append("subject_key = ANY(%(s)s)")
+            params["s"] = list(subjects)
+        if types:
+            where.append("type = ANY(%(t)s)")
+            params["t"] = list(types)
+        cond = " AND ".join(where)
+        order = f"{_ENTITLEMENT_ORDER[order_by]} {'DESC' if descending else 'ASC'}, id"
+        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = await self._all(
+            f"SELECT * FROM entitlements WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}", params
+        )
+        total = await self._one(f"SELECT count(*) AS n FROM entitlements WHERE {cond}", params)
+        return [_entitlement(r) for r in rows], int(total["n"]) if total else 0
+
+    async def delete_entitlement(self, entitlement_id: str, at: datetime) -> None:
+        await self._conn.execute(
+            b"UPDATE entitlements SET deleted_at = %s, updated_at = %s WHERE id = %s AND deleted_at IS NULL",
+            (at, at, entitlement_id),
+        )
+
+    # -- grants ----------------------------------------------------------------------------------------
+
+    async def insert_grant(self, g: Grant) -> None:
+        r = g.recurrence
+        await self._write(
+            "INSERT INTO grants (id, entitlement_id, amount, priority, effective_at, expiration_duration, "
+            "expiration_count, expires_at, max_rollover_amount, min_rollover_amount, recurrence_interval, "
+            "recurrence_anchor, recurrence_time_zone, metadata, annotations, created_at, updated_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                g.id,
+                g.entitlement_id,
+                g.amount,
+                g.priority,
+                g.effective_at,
+                g.expiration_duration,
+                g.expiration_count,
+                g.expires_at,
+                g.max_rollover_amount,
+                g.min_rollover_amount,
+                r.interval.iso if r else None,
+                r.anchor if r else None,
+                r.time_zone if r else None,
+                _json(g.metadata),
+                _json(g.annotations),
+                g.created_at,
+                g.updated_at,
+            ),
+            f"grant {g.id} already exists",
+        )
+
+    async def grant(self, grant_id: str) -> Grant | None:
+        row = await self._one("SELECT * FROM grants WHERE id = %s", (grant_id,))
+        return _grant(row) if row else None
+
+    async def grants_of(self, entitlement_ids: Sequence[str]) -> list[Grant]:
+        rows = await self._all(
+            "SELECT * FROM grants WHERE entitlement_id = ANY(%s) ORDER BY effective_at, created_at, id",
+            (list(entitlement_ids),),
+        )
+        return [_grant(r) for r in rows]
+
+    async def grants(
+        self,
+        *,
+        features: Sequence[str],
+        subjects: Sequence[str],
+        include_voided: bool,
+        order_by: str,
+        descending: bool,
+        offset: int,
+        limit: int | None,
+    ) -> tuple[list[tuple[Grant, Entitlement]], int]:
+        where, params = ["TRUE"], {}
+        if features:
+            where.append("(e.feature_key = ANY(%(f)s) OR e.feature_id = ANY(%(f)s))")
+            params["f"] = list(features)
+        if subjects:
+            where.append("e.subject_key = ANY(%(s)s)")
+            params["s"] = list(subjects)
+        if not include_voided:
+            where.append("g.voided_at IS NULL AND e.deleted_at IS NULL")
+        cond = " AND ".join(where)
+        order = f"g.{_GRANT_ORDER[order_by]} {'DESC' if descending else 'ASC'}, g.id"
+        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = await self._all(
+            "SELECT row_to_json(g.*) AS g, row_to_json(e.*) AS e FROM grants g JOIN entitlements e "
+            f"ON e.id = g.entitlement_id WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}",
+            params,
+        )
+        total = await self._one(
+            f"SELECT count(*) AS n FROM grants g JOIN entitlements e ON e.id = g.entitlement_id WHERE {cond}", params
+        )
+        return [(_grant(_typed(r["g"])), _entitlement(_typed(r["e"]))) for r in rows], int(total["n"]) if total else 0
+
+    async def void_grant(self, grant_id: str, at: datetime) -> None:
+        await self._conn.execute(
+            b"UPDATE grants SET voided_at = %s, updated_at = %s WHERE id = %s AND voided_at IS NULL",
+            (at, at, grant_id),
+        )
+
+    # -- resets ----------------------------------------------------------------------------------------
+
+    async def insert_reset(self, r: UsageReset) -> None:
+        await self._write(
+            "INSERT INTO usage_resets (entitlement_id, reset_at, retain_anchor, preserve_overage, created_at) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (r.entitlement_id, r.at, r.retain_anchor, r.preserve_overage, r.created_at),
+            "the entitlement was already reset at that time",
+        )
+
+    async def resets_of(self, entitlement_id: str) -> list[UsageReset]:
+        rows = await self._all(
+            "SELECT * FROM usage_resets WHERE entitlement_id = %s ORDER BY reset_at", (entitlement_id,)
+        )
+        return [
+            UsageReset(r["entitlement_id"], r["reset_at"], r["retain_anchor"], r["preserve_overage"], r["created_at"])
+            for r in rows
+        ]
+
+    # -- plans -----------------------------------------------------------------------------------------
+
+    async def plan(self, key: str) -> Plan | None:
+        row = await self._one(
+            "SELECT * FROM plans WHERE (key = %(k)s OR id = %(k)s) AND deleted_at IS NULL", {"k": key}
+        )
+        return _plan(row) if row else None
+
+    async def plans(self) -> list[Plan]:
+        return [_plan(r) for r in await self._all("SELECT * FROM plans WHERE deleted_at IS NULL ORDER BY key")]
+
+    async def save_plan(self, p: Plan) -> None:
+        """Insert a new plan, or replace the live plan with this key (its version must be the next one)."""
+        if p.version == 1:
+            await self._write(
+                "INSERT INTO plans (id, key, name, description, version, entitlements, metadata, created_at, "
+                "updated_at) VALUES (%s, %s, %s, %s, 1, %s, %s, %s, %s)",
+                (
+                    p.id,
+                    p.key,
+                    p.name,
+                    p.description,
+                    Jsonb(list(p.entitlements)),
+                    _json(p.metadata),
+                    p.created_at,
+                    p.updated_at,
+                ),
+                f"a plan with key {p.key} already exists",
+            )
+        else:
+            await self._conn.execute(
+                b"UPDATE plans SET name = %s, description = %s, version = %s, entitlements = %s, metadata = %s, "
+                b"updated_at = %s WHERE id = %s",
+                (p.name, p.description, p.version, Jsonb(list(p.entitlements)), _json(p.metadata), p.updated_at, p.id),
+            )
+
+    async def delete_plan(self, plan_id: str, at: datetime) -> None:
+        await self._conn.execute(b"UPDATE plans SET deleted_at = %s WHERE id = %s", (at, plan_id))
+
+    async def lock_plan(self, key: str) -> None:
+        await self._conn.execute(b"SELECT pg_advisory_xact_lock(hashtextextended(%s, 11))", (key,))
+
+    async def subject_plan(self, subject_key: str) -> SubjectPlan | None:
+        row = await self._one("SELECT * FROM subject_plans WHERE subject_key = %s", (subject_key,))
+        if row is None:
+            return None
+        return SubjectPlan(
+            row["subject_key"], row["plan_key"], row["plan_version"], row["assigned_at"], row["is_default"]
+        )
+
+    async def set_subject_plan(self, sp: SubjectPlan) -> None:
+        await self._conn.execute(
+            b"INSERT INTO subject_plans (subject_key, plan_key, plan_version, is_default, assigned_at) "
+            b"VALUES (%s, %s, %s, %s, %s) ON CONFLICT (subject_key) DO UPDATE SET plan_key = EXCLUDED.plan_key, "
+            b"plan_version = EXCLUDED.plan_version, is_default = EXCLUDED.is_default, "
+            b"assigned_at = EXCLUDED.assigned_at",
+            (sp.subject_key, sp.plan_key, sp.plan_version, sp.is_default, sp.assigned_at),
+        )
+
+    async def clear_subject_plan(self, subject_key: str) -> None:
+        await self._conn.execute(b"DELETE FROM subject_plans WHERE subject_key = %s", (subject_key,))
+
+
+def _typed(row: Mapping[str, Any]) -> DictRow:
+    """A row read through ``row_to_json`` back in the driver's types (timestamps, numerics)."""
+    out: dict[str, Any] = dict(row)
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key.endswith(("_at", "_anchor", "_from", "_start", "_end")) and isinstance(value, str):
+            out[key] = datetime.fromisoformat(value)
+        elif key in ("amount", "max_rollover_amount", "min_rollover_amount", "issue_after_reset"):
+            out[key] = Decimal(str(value))
+    return out
+
+
+class PostgresStore:
+    """A pool of connections to the control plane's PostgreSQL."""
+
+    def __init__(self, dsn: str, min_size: int = 1, max_size: int = 8, timeout_s: float = 2.0) -> None:
+        self._dsn = dsn
+        self._timeout_s = timeout_s
+        self._migrated = False
+        self._migrating = asyncio.Lock()
+        self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_s,
+            open=False,
+            # A connection that went stale while the server was away is replaced before it is handed out.
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"row_factory": dict_row, "connect_timeout": max(1, int(timeout_s))},
+        )
+
+    async def open(self) -> None:
+        # Not waiting: the service starts (ingest and usage queries work) even while PostgreSQL is away.
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _ensure_schema(self) -> None:
+        """Migrations run before the first transaction, not at construction: the service starts (ingest and
+        usage queries work) while PostgreSQL is away, and its schema is brought up to date once it is back."""
+        if self._migrated:
+            return
+        async with self._migrating:
+            if not self._migrated:
+                applied = await asyncio.to_thread(apply_migrations, self._dsn, self._timeout_s)
+                if applied:
+                    log.info("postgres: schema migrations applied: %s", applied)
+                self._migrated = True
+
+    @asynccontextmanager
+    async def tx(self) -> AsyncIterator[PgTx]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        await self._ensure_schema()
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                yield PgTx(conn)
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"PostgreSQL is not reachable (no connection within {self._timeout_s:g}s)") from exc
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"PostgreSQL is not reachable: {_first_line(exc)}") from exc
+
+    async def check(self) -> None:
+        async with self.tx() as tx:
+            await tx.now()

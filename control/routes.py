@@ -1,0 +1,375 @@
+"""HTTP routes of the control plane, OpenMeter v1 compatible: features, subjects, entitlements, grants,
+values, history and resets; plus Meterstream's plans.
+
+Status codes are OpenMeter's exactly (its official client accepts nothing else): 201 for creates and
+overrides, 200 for the subject upsert, 204 for deletes, voids and resets. Errors are problem+json: 400
+naming the field, 404, 409, and 503 with ``Retry-After`` while PostgreSQL is unreachable (ingest and usage
+queries do not depend on it and keep working).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from control import render
+from control.inputs import (
+    FeatureIn,
+    GrantIn,
+    PlanAssignmentIn,
+    PlanIn,
+    ResetIn,
+    decode,
+    parse,
+    parse_entitlement,
+    parse_subjects,
+)
+from control.service import ControlService, bad
+from control.store import Conflict, StoreUnavailable
+from schemas.problems import PROBLEM_JSON, Problem
+
+log = logging.getLogger(__name__)
+
+#: Seconds a client is told to wait while PostgreSQL is away.
+RETRY_AFTER_S: Final = 5
+MAX_BODY_BYTES: Final = 1024 * 1024
+MAX_PAGE_SIZE: Final = 1000
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def problem(p: Problem) -> Response:
+    return Response(orjson.dumps(p.to_dict()), status_code=p.status, media_type=PROBLEM_JSON, headers=p.headers)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _guard(handler: Handler) -> Handler:
+    """Errors as problem+json: the rules' own, conflicts, and an unreachable store (503, Retry-After)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Problem as p:
+            return problem(p)
+        except Conflict as exc:
+            return problem(Problem(409, str(exc)))
+        except StoreUnavailable as exc:
+            log.warning("control plane: %s", exc)
+            return problem(Problem(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}))
+
+    return guarded
+
+
+async def _body(request: Request) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise Problem(413, "the body is larger than 1 MiB")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise Problem(413, "the body is larger than 1 MiB")
+    return decode(body)
+
+
+def _time(request: Request, name: str) -> datetime | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise bad(name, f"{value!r} is not an RFC 3339 date-time (e.g. 2025-01-01T00:00:00Z)") from None
+    if parsed.tzinfo is None:
+        raise bad(name, f"{value!r} has no UTC offset; add Z or +hh:mm")
+    return parsed.astimezone(UTC)
+
+
+def _bool(request: Request, name: str, default: bool = False) -> bool:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise bad(name, "must be true or false")
+    return value.lower() in ("true", "1")
+
+
+def _int(request: Request, name: str, low: int, high: int) -> int | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise bad(name, f"must be an integer from {low} to {high}")
+    return int(value)
+
+
+def _list(request: Request, name: str) -> list[str]:
+    return [v for v in request.query_params.getlist(name) if v]
+
+
+def _choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = request.query_params.get(name, default)
+    if value not in choices:
+        raise bad(name, f"must be one of {', '.join(choices)}")
+    return value
+
+
+class _Page:
+    """OpenMeter's list paging: ``page``/``pageSize`` gives a paginated object, otherwise a plain array
+    (``offset``/``limit`` optional)."""
+
+    def __init__(self, request: Request, order_by: tuple[str, ...], default_order_by: str) -> None:
+        self.page = _int(request, "page", 1, 1_000_000)
+        self.page_size = _int(request, "pageSize", 1, MAX_PAGE_SIZE)
+        self.paginated = self.page is not None or self.page_size is not None
+        self.offset: int = 0
+        self.limit: int | None = None
+        if self.paginated:
+            self.page, self.page_size = self.page or 1, self.page_size or 100
+            self.offset, self.limit = (self.page - 1) * self.page_size, self.page_size
+        else:
+            self.offset = _int(request, "offset", 0, 1_000_000_000) or 0
+            self.limit = _int(request, "limit", 1, MAX_PAGE_SIZE)
+        self.desc = _choice(request, "order", ("ASC", "DESC"), "ASC") == "DESC"
+        self.order_by = _choice(request, "orderBy", order_by, default_order_by)
+
+    def listing(self) -> dict[str, Any]:
+        return {"order_by": self.order_by, "desc": self.desc, "offset": self.offset, "limit": self.limit}
+
+    def answer(self, items: list[dict[str, Any]], total: int) -> Response:
+        if self.paginated:
+            assert self.page is not None
+            assert self.page_size is not None
+            return _json(render.paginated(items, total, self.page, self.page_size))
+        return _json(items)
+
+
+def control_routes(service: ControlService) -> list[Route]:
+    """The control plane's routes, answering from ``service``."""
+
+    # -- features --------------------------------------------------------------------------------------
+
+    async def list_features(request: Request) -> Response:
+        page = _Page(request, ("id", "key", "name", "createdAt", "updatedAt"), "createdAt")
+        features, total = await service.list_features(
+            meter_slugs=_list(request, "meterSlug"),
+            include_archived=_bool(request, "includeArchived"),
+            **page.listing(),
+        )
+        return page.answer([render.feature(f) for f in features], total)
+
+    async def create_feature(request: Request) -> Response:
+        inp = parse(FeatureIn, await _body(request))
+        return _json(render.feature(await service.create_feature(inp)), 201)
+
+    async def get_feature(request: Request) -> Response:
+        return _json(render.feature(await service.get_feature(request.path_params["featureId"])))
+
+    async def delete_feature(request: Request) -> Response:
+        await service.delete_feature(request.path_params["featureId"])
+        return Response(status_code=204)
+
+    # -- subjects --------------------------------------------------------------------------------------
+
+    async def list_subjects(request: Request) -> Response:
+        return _json([render.subject(s) for s in await service.list_subjects()])
+
+    async def upsert_subjects(request: Request) -> Response:
+        inputs = parse_subjects(await _body(request))
+        return _json([render.subject(s) for s in await service.upsert_subjects(inputs)])
+
+    async def get_subject(request: Request) -> Response:
+        return _json(render.subject(await service.get_subject(request.path_params["subject"])))
+
+    async def delete_subject(request: Request) -> Response:
+        await service.delete_subject(request.path_params["subject"])
+        return Response(status_code=204)
+
+    # -- entitlements ----------------------------------------------------------------------------------
+
+    async def list_entitlements(request: Request) -> Response:
+        page = _Page(request, ("createdAt", "updatedAt"), "createdAt")
+        types = _list(request, "entitlementType")
+        for t in types:
+            if t not in ("metered", "boolean", "static"):
+                raise bad("entitlementType", "must be metered, boolean or static")
+        views, total = await service.list_entitlements(
+            features=_list(request, "feature"), subjects=_list(request, "subject"), types=types, **page.listing()
+        )
+        return page.answer([render.entitlement(v) for v in views], total)
+
+    async def get_entitlement_by_id(request: Request) -> Response:
+        return _json(render.entitlement(await service.get_entitlement(None, request.path_params["entitlementId"])))
+
+    async def create_entitlement(request: Request) -> Response:
+        inp = parse_entitlement(await _body(request))
+        view = await service.create_entitlement(request.path_params["subject"], inp)
+        return _json(render.entitlement(view), 201)
+
+    async def list_subject_entitlements(request: Request) -> Response:
+        views = await service.subject_entitlements(request.path_params["subject"], _bool(request, "includeDeleted"))
+        return _json([render.entitlement(v) for v in views])
+
+    async def get_entitlement(request: Request) -> Response:
+        p = request.path_params
+        return _json(render.entitlement(await service.get_entitlement(p["subject"], p["entitlementId"])))
+
+    async def delete_entitlement(request: Request) -> Response:
+        p = request.path_params
+        await service.delete_entitlement(p["subject"], p["entitlementId"])
+        return Response(status_code=204)
+
+    async def override_entitlement(request: Request) -> Response:
+        p = request.path_params
+        inp = parse_entitlement(await _body(request))
+        view = await service.override_entitlement(p["subject"], p["ref"], inp)
+        return _json(render.entitlement(view), 201)
+
+    async def entitlement_value(request: Request) -> Response:
+        p = request.path_params
+        value = await service.value(p["subject"], p["ref"], _time(request, "time"))
+        return _json(render.value(value))
+
+    async def entitlement_history(request: Request) -> Response:
+        p = request.path_params
+        if "windowSize" not in request.query_params:
+            raise bad("windowSize", "is required (MINUTE, HOUR, DAY or MONTH)")
+        window_size = _choice(request, "windowSize", ("MINUTE", "HOUR", "DAY", "MONTH"), "DAY")
+        zone = request.query_params.get("windowTimeZone") or "UTC"
+        try:
+            render.iso(datetime.now(UTC), zone)
+        except Exception:
+            raise bad("windowTimeZone", f"invalid time zone: {zone}") from None
+        history = await service.history(
+            p["subject"],
+            p["entitlementId"],
+            start=_time(request, "from"),
+            end=_time(request, "to"),
+            window_size=window_size,
+            time_zone=zone,
+        )
+        return _json(render.history(history, zone))
+
+    async def reset_entitlement(request: Request) -> Response:
+        p = request.path_params
+        raw = await request.body()
+        inp = parse(ResetIn, decode(raw) if raw.strip() else {})
+        await service.reset(p["subject"], p["entitlementId"], inp)
+        return Response(status_code=204)
+
+    # -- grants ----------------------------------------------------------------------------------------
+
+    async def list_grants(request: Request) -> Response:
+        page = _Page(request, ("id", "createdAt", "updatedAt"), "createdAt")
+        rows, total = await service.list_grants(
+            features=_list(request, "feature"),
+            subjects=_list(request, "subject"),
+            include_voided=_bool(request, "includeDeleted"),
+            **page.listing(),
+        )
+        now = datetime.now(UTC)
+        return page.answer([render.grant(g, now) for g, _ in rows], total)
+
+    async def create_grant(request: Request) -> Response:
+        p = request.path_params
+        inp = parse(GrantIn, await _body(request))
+        grant = await service.create_grant(p["subject"], p["ref"], inp)
+        return _json(render.grant(grant, datetime.now(UTC)), 201)
+
+    async def entitlement_grants(request: Request) -> Response:
+        p = request.path_params
+        grants = await service.entitlement_grants(p["subject"], p["ref"], _bool(request, "includeDeleted"))
+        now = datetime.now(UTC)
+        return _json([render.grant(g, now) for g in grants])
+
+    async def void_grant(request: Request) -> Response:
+        await service.void_grant(request.path_params["grantId"], _time(request, "at"))
+        return Response(status_code=204)
+
+    # -- plans -----------------------------------------------------------------------------------------
+
+    async def list_plans(request: Request) -> Response:
+        return _json([render.plan(p) for p in await service.list_plans()])
+
+    async def put_plan(request: Request) -> Response:
+        key = request.path_params["planKey"]
+        raw = await _body(request)
+        if isinstance(raw, dict):
+            raw.setdefault("key", key)
+        plan, created = await service.put_plan(key, parse(PlanIn, raw))
+        return _json(render.plan(plan), 201 if created else 200)
+
+    async def get_plan(request: Request) -> Response:
+        return _json(render.plan(await service.get_plan(request.path_params["planKey"])))
+
+    async def delete_plan(request: Request) -> Response:
+        await service.delete_plan(request.path_params["planKey"])
+        return Response(status_code=204)
+
+    async def assign_plan(request: Request) -> Response:
+        inp = parse(PlanAssignmentIn, await _body(request))
+        assignment, views = await service.assign_plan(request.path_params["subject"], inp.planKey)
+        return _json(render.subject_plan(assignment, views))
+
+    async def get_subject_plan(request: Request) -> Response:
+        return _json(render.subject_plan(await service.subject_plan(request.path_params["subject"])))
+
+    async def unassign_plan(request: Request) -> Response:
+        await service.unassign_plan(request.path_params["subject"])
+        return Response(status_code=204)
+
+    s = "/api/v1/subjects/{subject}"
+    table: list[tuple[str, str, Handler]] = [
+        ("/api/v1/features", "GET", list_features),
+        ("/api/v1/features", "POST", create_feature),
+        ("/api/v1/features/{featureId}", "GET", get_feature),
+        ("/api/v1/features/{featureId}", "DELETE", delete_feature),
+        ("/api/v1/entitlements", "GET", list_entitlements),
+        ("/api/v1/entitlements/{entitlementId}", "GET", get_entitlement_by_id),
+        ("/api/v1/grants", "GET", list_grants),
+        ("/api/v1/grants/{grantId}", "DELETE", void_grant),
+        ("/api/v1/subjects", "GET", list_subjects),
+        ("/api/v1/subjects", "POST", upsert_subjects),
+        (s, "GET", get_subject),
+        (s, "DELETE", delete_subject),
+        (f"{s}/entitlements", "GET", list_subject_entitlements),
+        (f"{s}/entitlements", "POST", create_entitlement),
+        (f"{s}/entitlements/{{ref}}/grants", "GET", entitlement_grants),
+        (f"{s}/entitlements/{{ref}}/grants", "POST", create_grant),
+        (f"{s}/entitlements/{{ref}}/override", "PUT", override_entitlement),
+        (f"{s}/entitlements/{{ref}}/value", "GET", entitlement_value),
+        (f"{s}/entitlements/{{entitlementId}}", "GET", get_entitlement),
+        (f"{s}/entitlements/{{entitlementId}}", "DELETE", delete_entitlement),
+        (f"{s}/entitlements/{{entitlementId}}/history", "GET", entitlement_history),
+        (f"{s}/entitlements/{{entitlementId}}/reset", "POST", reset_entitlement),
+        (f"{s}/plan", "GET", get_subject_plan),
+        (f"{s}/plan", "PUT", assign_plan),
+        (f"{s}/plan", "DELETE", unassign_plan),
+        ("/api/v1/plans", "GET", list_plans),
+        ("/api/v1/plans/{planKey}", "GET", get_plan),
+        ("/api/v1/plans/{planKey}", "PUT", put_plan),
+        ("/api/v1/plans/{planKey}", "DELETE", delete_plan),
+    ]
+    # One Route per path with all its methods (a Route per method would answer 405 for the others).
+    by_path: dict[str, dict[str, Handler]] = {}
+    for path, method, handler in table:
+        by_path.setdefault(path, {})[method] = _guard(handler)
+    return [Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()]
+
+
+def _dispatch(methods: dict[str, Handler]) -> Handler:
+    async def dispatch(request: Request) -> Response:
+        handler = methods.get(request.method) or methods["GET"]  # HEAD is answered as GET
+        return await handler(request)
+
+    return dispatch
