@@ -563,12 +563,12 @@ class ControlService:
     # -- values and history ----------------------------------------------------------------------------
 
     async def _metered_state(
-        self, subject_key: str, ref: str, by_id_only: bool = False
+        self, subject_key: str, ref: str
     ) -> tuple[Entitlement, Feature, list[Grant], list[UsageReset], datetime]:
+        """The entitlement (by id or, beyond OpenMeter where it takes ids only, by feature key) and its
+        grants and resets, read in one transaction."""
         async with self.store.tx() as tx:
             ent = await self._live(tx, subject_key, ref)
-            if by_id_only and ent.id != ref:
-                raise not_found(f"entitlement {ref} of subject {subject_key}")
             feature = await tx.feature(ent.feature_id)
             assert feature is not None
             if ent.type is not EntitlementType.METERED:
@@ -647,7 +647,7 @@ class ControlService:
         window_size: str,
         time_zone: str,
     ) -> History:
-        ent, feature, grants, resets, now = await self._metered_state(subject_key, entitlement_id, by_id_only=True)
+        ent, feature, grants, resets, now = await self._metered_state(subject_key, entitlement_id)
         if ent.type is not EntitlementType.METERED:
             raise bad("entitlementId", f"expected entitlement type metered but got {ent.type.value}")
         assert ent.measure_usage_from is not None

