@@ -329,7 +329,9 @@ def local_app(local: LocalSettings) -> Starlette:
             sink.stop()
             await asyncio.to_thread(sink_thread.join)
             ch.close()
-            if embedded_pg is not None and embedded_pg.started:
+            if embedded_pg is not None:
+                # The data directory's server is this command's to stop, also when it was found still
+                # running after a crash (its data is on disk; nothing is lost by stopping it).
                 embedded_pg.stop()
             if drained:
                 broker.stop()

@@ -121,6 +121,25 @@ class LocalStack:
 
         return int(json.loads(state.read_text())["pid"])
 
+    def postgres_pid(self) -> int | None:
+        pid_file = self.data_dir / "postgres" / "postmaster.pid"
+        if not pid_file.exists():
+            return None
+        return int(pid_file.read_text().split()[0])
+
+    def kill_postgres(self) -> None:
+        """kill -9 of the embedded PostgreSQL's postmaster (its backends exit when they see it gone)."""
+        pid = self.postgres_pid()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def start_postgres(self) -> None:
+        """Start the data directory's PostgreSQL again (as an operator would after an outage)."""
+        from meterstream.pgserver import EmbeddedPostgres
+
+        EmbeddedPostgres.start(self.data_dir / "postgres")
+
     def kill_broker(self) -> None:
         pid = self.broker_pid()
         if pid:
@@ -137,7 +156,10 @@ class MultiProcessStack:
     base: Path
     partitions: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Also run the control plane: an embedded PostgreSQL, its DSN given to the sink (which serves the API).
+    control: bool = False
     broker: Any = None
+    postgres: Any = None
     ingest: Service | None = None
     sink: Service | None = None
     processors: list[Service] = field(default_factory=list)
@@ -164,6 +186,8 @@ class MultiProcessStack:
             env[f"{prefix}METRICS_PORT"] = str(free_port())
         if service == "sink":
             env[f"{prefix}CLICKHOUSE__DSN"] = f"chdb://{self.base / 'clickhouse'}"
+            if self.postgres is not None:
+                env[f"{prefix}POSTGRES__DSN"] = self.postgres.uri
             env[f"{prefix}PORT"] = str(self.sink_port)
             env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
         if service == "ingest":
@@ -176,6 +200,10 @@ class MultiProcessStack:
 
         self.base.mkdir(parents=True, exist_ok=True)
         self.broker = LocalBroker.start(log_path=self.base / "tansu.log")
+        if self.control:
+            from meterstream.pgserver import EmbeddedPostgres
+
+            self.postgres = EmbeddedPostgres.start(self.base / "postgres")
         self.ingest_port, self.sink_port = free_port(), free_port()
         for _ in range(processors):
             self.add_processor()
@@ -221,3 +249,5 @@ class MultiProcessStack:
                 service.stop(30)
         if self.broker is not None:
             self.broker.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
