@@ -23,10 +23,11 @@ SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "ingest": scenarios.ingest,
     "processing": scenarios.processing,
     "freshness": scenarios.freshness,
+    "limits": scenarios.limits,
     "query": scenarios.query,
     "soak": scenarios.soak,
 }
-DEFAULT = ("ingest", "processing", "freshness", "query")
+DEFAULT = ("ingest", "processing", "freshness", "limits", "query")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -715,6 +715,116 @@ def freshness(sizes: Sizes, work: Path) -> list[Row]:
     ]
 
 
+# -- 3b. limits: the freshness of an entitlement's value --------------------------------------------------
+
+
+def _value_probe(stack: BenchStack, client: httpx.Client, subject: str) -> tuple[Decimal | None, float]:
+    """The subject's usage of feature ``tokens`` as its value reports it, and how long the read took."""
+    started = time.monotonic()
+    response = client.get(f"{stack.query_url}/api/v1/subjects/{subject}/entitlements/tokens/value")
+    took = time.monotonic() - started
+    if response.status_code != 200:
+        return None, took
+    return Decimal(str(orjson.loads(response.content)["usage"])), took
+
+
+def limits(sizes: Sizes, work: Path) -> list[Row]:
+    """From the 204 of a usage event to its tokens in the subject's entitlement value (the control plane
+    reads usage from the stored windows, so this is the pipeline's freshness plus one balance read), under
+    the same steady ingest load as the freshness scenario; and the cost of a value read beside a plain
+    one-subject query in the same run."""
+    stack = bench_stack(work / "limits", METERSTREAM_SINK_DEFAULT_PLAN="bench")
+    stack.start_broker()
+    stack.start_control()
+    stack.start_sink()
+    stack.start_processors(1)
+    stack.start_ingest()
+    try:
+        with httpx.Client(base_url=stack.query_url, timeout=30) as admin:
+            feature = {"key": "tokens", "name": "Tokens", "meterSlug": "tokens_total"}
+            assert admin.post("/api/v1/features", json=feature).status_code == 201
+            template = {
+                "type": "metered",
+                "featureKey": "tokens",
+                "issueAfterReset": 1_000_000,
+                "usagePeriod": {"interval": "MONTH", "anchor": "2026-01-01T00:00:00Z"},
+            }
+            plan = admin.put("/api/v1/plans/bench", json={"name": "Bench", "entitlements": [template]})
+            assert plan.status_code == 201, plan.text
+        probes = _Probes(stack)
+        load = _steady_load(stack, sizes.freshness_events_per_s, sizes.freshness_seconds, "limits-")
+        time.sleep(1.0)
+        lags: list[float] = []
+        value_reads: list[float] = []
+        query_reads: list[float] = []
+        missing = 0
+        n = 0
+        end = time.monotonic() + sizes.freshness_seconds - 1.0
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < end:
+                subject = f"probe-{n}"
+                _value_probe(stack, client, subject)  # the default plan makes its entitlement (usage 0)
+                probes.send(client, n)
+                acknowledged = probes.sent.get(subject)
+                n += 1
+                if acknowledged is None:
+                    continue
+                deadline = acknowledged + 30
+                while time.monotonic() < deadline:
+                    usage, took = _value_probe(stack, client, subject)
+                    value_reads.append(took)
+                    if usage is not None and usage >= 110:
+                        lags.append(time.monotonic() - acknowledged)
+                        break
+                    started = time.monotonic()
+                    client.get(f"{stack.query_url}/api/v1/meters/tokens_total/query", params={"subject": subject})
+                    query_reads.append(time.monotonic() - started)
+                    time.sleep(0.02)
+                else:
+                    missing += 1
+        result = load.join()
+    finally:
+        stack.stop()
+    details = {
+        "probes": n,
+        "visible": len(lags),
+        "missing": missing,
+        "load_events_per_s": result.events_per_s,
+        "value_read_p50_ms": ms(percentile(value_reads, 50)),
+        "query_read_p50_ms": ms(percentile(query_reads, 50)),
+    }
+    log(f"limits: {details}")
+    steady = f"at {result.events_per_s:,.0f} events/s"
+    p95 = percentile(lags, 95)
+    value_p99, query_p99 = percentile(value_reads, 99), percentile(query_reads, 99)
+    return [
+        Row(
+            "limits",
+            f"204 to visible in an entitlement value, p50, {steady}",
+            "s",
+            percentile(lags, 50),
+            details=details,
+        ),
+        Row(
+            "limits",
+            f"204 to visible in an entitlement value, p95, {steady}",
+            "s",
+            p95,
+            target="<= 2 s",
+            met=p95 is not None and p95 <= 2.0 and missing == 0,
+        ),
+        Row(
+            "limits",
+            "entitlement value read (grants replayed over the windows), p99",
+            "ms",
+            ms(value_p99),
+            baseline=ms(query_p99),
+            baseline_name="one-subject meter query",
+            higher_is_better=False,
+        ),
+    ]
+
+
 # -- 4. query --------------------------------------------------------------------------------------------
 
 

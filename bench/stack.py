@@ -32,6 +32,13 @@ class BenchStack(MultiProcessStack):
         ensure_topics(self.kafka, TopicSettings(partitions=self.partitions))
         return self
 
+    def start_control(self) -> BenchStack:
+        """An embedded PostgreSQL for the control plane (the sink, which serves the API, gets its DSN)."""
+        from meterstream.pgserver import EmbeddedPostgres
+
+        self.postgres = EmbeddedPostgres.start(self.base / "postgres")
+        return self
+
     @property
     def kafka(self) -> KafkaSettings:
         return KafkaSettings(bootstrap_servers=self.broker.bootstrap)
