@@ -4,8 +4,8 @@ here to start in 0.8 s and to find a server left running by a killed process at 
 
 The server listens on a Unix socket inside its data directory only (no TCP port to collide with). Like the
 bundled broker it runs in processes of its own, so it outlives a crash of the process that started it:
-``meterstream up`` finds it again on the next start. The process that started it stops it on a clean
-shutdown; one that only found it running leaves it running for whoever started it.
+``meterstream up`` finds it again on the next start. ``up`` owns the server of its data directory: it stops it
+on a clean shutdown, also one it found still running after a crash (committed data is on disk either way).
 """
 
 from __future__ import annotations

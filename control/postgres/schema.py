@@ -85,6 +85,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         -- One live entitlement per subject and feature.
         CREATE UNIQUE INDEX entitlements_live ON entitlements (subject_key, feature_key) WHERE deleted_at IS NULL;
         CREATE INDEX entitlements_feature ON entitlements (feature_id);
+        CREATE INDEX entitlements_subject ON entitlements (subject_key, created_at);
 
         CREATE TABLE grants (
             id text PRIMARY KEY,

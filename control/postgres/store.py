@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -560,6 +561,7 @@ class PostgresStore:
         self._dsn = dsn
         self._timeout_s = timeout_s
         self._migrated = False
+        self._failed_at = -float("inf")
         self._migrating = asyncio.Lock()
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
             dsn,
@@ -585,11 +587,20 @@ class PostgresStore:
         if self._migrated:
             return
         async with self._migrating:
-            if not self._migrated:
+            if self._migrated:
+                return
+            # One attempt at a time, and none for a moment after a failure: requests queued behind a failed
+            # attempt answer 503 at once instead of each waiting out a connection timeout in turn.
+            if time.monotonic() - self._failed_at < self._timeout_s:
+                raise StoreUnavailable("PostgreSQL is not reachable (the schema could not be checked)")
+            try:
                 applied = await asyncio.to_thread(apply_migrations, self._dsn, self._timeout_s)
-                if applied:
-                    log.info("postgres: schema migrations applied: %s", applied)
-                self._migrated = True
+            except StoreUnavailable:
+                self._failed_at = time.monotonic()
+                raise
+            if applied:
+                log.info("postgres: schema migrations applied: %s", applied)
+            self._migrated = True
 
     @asynccontextmanager
     async def tx(self) -> AsyncIterator[PgTx]:

@@ -1,9 +1,10 @@
 """The production deployment (docker-compose.yml, deploy/) checked against the package, without Docker.
 
 The compose file must be valid; every Meterstream service must run a real ``meterstream`` subcommand whose
-settings parse from exactly the environment compose gives it, with values that agree across services;
-ports are bound to 127.0.0.1, dependencies wait for health, images are pinned; the Grafana dashboard's SQL
-runs on ClickHouse against the real schema.
+settings parse from exactly the environment compose gives it, with values that agree across services (the
+control plane's DSN included: it must reach the compose PostgreSQL); ports are bound to 127.0.0.1,
+dependencies wait for health, images are pinned; the image holds every package; the Grafana dashboard's
+SQL runs on ClickHouse against the real schema.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
@@ -53,10 +56,10 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 USES: dict[str, set[str]] = {
     "ingest": {"kafka", "topics"},
     "processor": {"kafka", "topics"},
-    "sink": {"kafka", "topics", "clickhouse"},
-    "query": {"clickhouse"},
+    "sink": {"kafka", "topics", "clickhouse", "postgres"},
+    "query": {"clickhouse", "postgres"},
     "topics": {"kafka", "topics"},
-    "migrate": {"clickhouse"},
+    "migrate": {"clickhouse", "postgres"},
 }
 #: Subcommands serving HTTP on settings.host:settings.port.
 HTTP_COMMANDS = {"ingest", "sink", "query"}
@@ -353,6 +356,17 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
             assert line.split("=", 1)[1] == "python:3.11-slim-bookworm"
 
 
+def test_image_holds_every_package_of_the_distribution() -> None:
+    """deploy/Dockerfile copies the sources folder by folder: a package missing there is missing from the image
+    (and ``meterstream --version``, run in the build, imports too little to notice)."""
+    text = DOCKERFILE.read_text()
+    copied = set(re.findall(r"^COPY\s+(\w+)/\s+\1/\s*$", text, re.MULTILINE))
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    assert "control" in packages
+    assert packages <= copied, f"deploy/Dockerfile does not copy {sorted(packages - copied)}"
+
+
 def test_dockerfile_is_multi_stage_and_runs_unprivileged() -> None:
     text = DOCKERFILE.read_text()
     assert len(re.findall(r"^FROM\s", text, re.MULTILINE)) >= 2
@@ -373,6 +387,51 @@ def test_state_lives_in_named_volumes(services: dict[str, dict[str, Any]]) -> No
                 assert source in declared, f"{name}: volume {source} is not declared"
             else:
                 assert (ROOT / source).exists() or Path(source).exists(), f"{name}: {source} does not exist"
+
+
+# -- PostgreSQL (the control plane) ----------------------------------------------------------------------------
+
+
+def _mount(volume: Any) -> tuple[str, str]:
+    """(source, target) of a service volume, short or long syntax."""
+    if isinstance(volume, dict):
+        return str(volume["source"]), str(volume["target"])
+    source, target = str(volume).split(":")[:2]
+    return source, target
+
+
+def test_postgres_is_pinned_checked_and_kept_in_a_named_volume(services: dict[str, dict[str, Any]]) -> None:
+    postgres = services["postgres"]
+    repository, _, tag = postgres["image"].rpartition(":")
+    assert repository == "postgres"
+    assert re.fullmatch(r"\d+\.\d+(?:-[a-z0-9]+)?", tag), f"{postgres['image']}: pin an exact minor version"
+    assert postgres["restart"] == "unless-stopped"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    env = environment(postgres)
+    assert env["POSTGRES_PASSWORD"], "PostgreSQL's image refuses to initialise without a password"
+    declared = set((own_resolution().get("volumes") or {}).keys())
+    pgdata = env.get("PGDATA", "/var/lib/postgresql/data")  # the image's default for 17
+    assert any(source in declared and pgdata.startswith(target) for source, target in map(_mount, postgres["volumes"]))
+
+
+def test_the_control_plane_reaches_the_compose_postgres(
+    services: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    postgres = environment(services["postgres"])
+    with_dsn = set()
+    for name, s in settings.items():
+        if "postgres" not in USES[command(services[name])[0]]:
+            continue
+        assert s.postgres.dsn is not None, f"{name}: no METERSTREAM_..._POSTGRES__DSN (control plane off)"
+        dsn = conninfo_to_dict(s.postgres.dsn.get_secret_value())  # as libpq parses it
+        assert dsn["host"] == "postgres", name
+        assert dsn.get("port", "5432") == "5432", name
+        assert dsn["user"] == postgres.get("POSTGRES_USER", "postgres"), name
+        assert dsn["password"] == postgres["POSTGRES_PASSWORD"], name
+        assert dsn["dbname"] == postgres.get("POSTGRES_DB", dsn["user"]), name
+        assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        with_dsn.add(name)
+    assert {"sink", "query", "init-schema"} <= with_dsn
 
 
 # -- Grafana ---------------------------------------------------------------------------------------------------
