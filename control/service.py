@@ -613,12 +613,14 @@ class ControlService:
         t = at or now
         assert ent.measure_usage_from is not None
         if t < ent.measure_usage_from:
+            money = (m := find_meter(feature.meter_slug or "")) is not None and m.is_money
             return Value(
                 has_access=ent.is_soft_limit or ent.is_unlimited,
                 balance=ZERO,
                 usage=ZERO,
                 overage=ZERO,
                 total_available=ZERO,
+                unpriced_requests=ZERO if money else None,  # a cost feature always reports it
             )
         balance, _ = await self._replay(ent, feature, grants, resets, t)
         unpriced = None
