@@ -200,3 +200,23 @@ def parse_subjects(raw: Any) -> list[SubjectIn]:
         return _SUBJECTS.validate_python(raw)
     except ValidationError as exc:
         raise _problem(exc) from None
+
+
+class KeyIn(_In):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    scopes: Annotated[list[Literal["admin", "read", "ingest"]], Field(min_length=1, max_length=3)]
+
+
+class PortalTokenIn(_In):
+    """OpenMeter's ``PortalToken`` as a request (its read-only fields are ignored if a client sends them)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    subject: Annotated[str, Field(min_length=1, max_length=256)]
+    allowedMeterSlugs: Annotated[list[str], Field(max_length=100)] | None = None
+    expiresAt: AwareDatetime | None = None
+
+
+class InvalidateIn(_In):
+    id: str | None = None
+    subject: str | None = None

@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from control.access import ApiKey, PortalToken
 from control.model import Entitlement, EntitlementType, Feature, Grant, Plan, Subject, SubjectPlan
 from control.periods import RecurringPeriod
 from control.service import EntitlementView, History, Value
@@ -214,3 +215,29 @@ def subject_plan(sp: SubjectPlan, entitlements: list[EntitlementView] | None = N
 
 def paginated(items: list[dict[str, Any]], total: int, page: int, page_size: int) -> dict[str, Any]:
     return {"totalCount": total, "page": page, "pageSize": page_size, "items": items}
+
+
+def api_key(k: ApiKey, token: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": k.id,
+        "name": k.name,
+        "scopes": sorted(s.value for s in k.scopes),
+        "createdAt": iso(k.created_at),
+    }
+    _set(body, "revokedAt", iso(k.revoked_at) if k.revoked_at else None)
+    _set(body, "key", token)
+    return body
+
+
+def portal_token(t: PortalToken, now: datetime, token: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": t.id,
+        "subject": t.subject,
+        "expiresAt": iso(t.expires_at),
+        "expired": t.expires_at <= now or t.invalidated_at is not None,
+        "createdAt": iso(t.created_at),
+    }
+    if t.allowed_meter_slugs is not None:
+        body["allowedMeterSlugs"] = list(t.allowed_meter_slugs)
+    _set(body, "token", token)
+    return body

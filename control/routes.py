@@ -24,14 +24,18 @@ from control import render
 from control.inputs import (
     FeatureIn,
     GrantIn,
+    InvalidateIn,
+    KeyIn,
     PlanAssignmentIn,
     PlanIn,
+    PortalTokenIn,
     ResetIn,
     decode,
     parse,
     parse_entitlement,
     parse_subjects,
 )
+from control.keys import KeyService
 from control.service import ControlService, bad
 from control.store import Conflict, StoreUnavailable
 from schemas.problems import PROBLEM_JSON, Problem
@@ -373,3 +377,48 @@ def _dispatch(methods: dict[str, Handler]) -> Handler:
         return await handler(request)
 
     return dispatch
+
+
+def access_routes(keys: KeyService) -> list[Route]:
+    """Managing API keys (Meterstream's) and portal tokens (OpenMeter's ``/api/v1/portal/tokens``)."""
+
+    async def create_key(request: Request) -> Response:
+        inp = parse(KeyIn, await _body(request))
+        key, token = await keys.create_key(inp.name, inp.scopes)
+        return _json(render.api_key(key, token), 201)
+
+    async def list_keys(request: Request) -> Response:
+        return _json([render.api_key(k) for k in await keys.keys()])
+
+    async def revoke_key(request: Request) -> Response:
+        await keys.revoke_key(request.path_params["keyId"])
+        return Response(status_code=204)
+
+    async def create_portal_token(request: Request) -> Response:
+        inp = parse(PortalTokenIn, await _body(request))
+        token, secret = await keys.create_portal_token(inp.subject, inp.allowedMeterSlugs, inp.expiresAt)
+        return _json(render.portal_token(token, datetime.now(UTC), secret))  # 200, as OpenMeter's client expects
+
+    async def list_portal_tokens(request: Request) -> Response:
+        limit = _int(request, "limit", 1, 1000) or 25
+        now = datetime.now(UTC)
+        return _json([render.portal_token(t, now) for t in await keys.portal_tokens(limit)])
+
+    async def invalidate_portal_tokens(request: Request) -> Response:
+        raw = await request.body()
+        inp = parse(InvalidateIn, decode(raw) if raw.strip() else {})
+        await keys.invalidate_portal_tokens(inp.id, inp.subject)
+        return Response(status_code=204)
+
+    table: list[tuple[str, str, Handler]] = [
+        ("/api/v1/keys", "GET", list_keys),
+        ("/api/v1/keys", "POST", create_key),
+        ("/api/v1/keys/{keyId}", "DELETE", revoke_key),
+        ("/api/v1/portal/tokens", "GET", list_portal_tokens),
+        ("/api/v1/portal/tokens", "POST", create_portal_token),
+        ("/api/v1/portal/tokens/invalidate", "POST", invalidate_portal_tokens),
+    ]
+    by_path: dict[str, dict[str, Handler]] = {}
+    for path, method, handler in table:
+        by_path.setdefault(path, {})[method] = _guard(handler)
+    return [Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()]

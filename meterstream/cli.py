@@ -37,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("topics", help="create the Kafka topics (METERSTREAM_PROCESSOR_*)")
 
+    keys = commands.add_parser(
+        "keys", help="API keys: create, list, revoke (METERSTREAM_SINK_POSTGRES__DSN, or the local data dir's)"
+    )
+    keys.add_argument("--data-dir", type=Path, help="a `meterstream up` data directory (default ./.meterstream)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a key; its secret is printed once")
+    create.add_argument("--name", required=True, help="what the key is for")
+    create.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        required=True,
+        choices=["admin", "read", "ingest"],
+        help="repeat for several (admin includes the others)",
+    )
+    key_commands.add_parser("list", help="every key, without secrets")
+    revoke = key_commands.add_parser("revoke", help="revoke a key (everywhere within a second)")
+    revoke.add_argument("key_id", help="the key's id (see list)")
+
     reconcile = commands.add_parser(
         "reconcile",
         help="recompute window totals from the audit log and report differences (METERSTREAM_SINK_*)",
@@ -131,7 +150,63 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "reconcile":
         return _reconcile(args.start, args.end)
+    if args.command == "keys":
+        return _keys(args)
     raise AssertionError(args.command)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from control.keys import KeyService
+    from control.postgres.store import PostgresStore, apply_migrations
+    from meterstream.pgserver import EmbeddedPostgres
+    from schemas.settings import LocalSettings, SinkSettings
+
+    configure_logging("WARNING")
+    dsn = SinkSettings().postgres.dsn
+    embedded = None
+    if dsn is not None and args.data_dir is None:
+        uri = dsn.get_secret_value()
+    else:
+        data_dir = (args.data_dir or LocalSettings().data_dir).resolve()
+        if not (data_dir / "postgres").exists():
+            print(
+                f"meterstream: error: no data directory at {data_dir} (run `meterstream up` first, or set "
+                "METERSTREAM_SINK_POSTGRES__DSN)",
+                file=sys.stderr,
+            )
+            return 2
+        embedded = EmbeddedPostgres.start(data_dir / "postgres")
+        uri = embedded.uri
+    try:
+        apply_migrations(uri)
+
+        async def run() -> int:
+            store = PostgresStore(uri)
+            await store.open()
+            try:
+                keys = KeyService(store)
+                if args.keys_command == "create":
+                    key, token = await keys.create_key(args.name, args.scopes)
+                    scopes = ", ".join(sorted(args.scopes))
+                    print(f"{token}\n(id {key.id}, scopes {scopes}; the secret is not shown again)")
+                elif args.keys_command == "list":
+                    for k in await keys.keys():
+                        state = f"revoked {k.revoked_at.isoformat()}" if k.revoked_at else "active"
+                        scopes = ",".join(sorted(s.value for s in k.scopes))
+                        print(f"{k.id}  {scopes:<18} {state:<10} {k.created_at.isoformat()}  {k.name}")
+                else:
+                    await keys.revoke_key(args.key_id)
+                    print(f"revoked {args.key_id}")
+                return 0
+            finally:
+                await store.close()
+
+        return asyncio.run(run())
+    finally:
+        if embedded is not None and embedded.started:
+            embedded.stop()  # started only for this command: leave nothing running
 
 
 def _reconcile(start: datetime, end: datetime) -> int:

@@ -1,21 +1,28 @@
-"""The HTTP application of a service: its routes, health, readiness, metrics and problem+json errors."""
+"""The HTTP application of a service: its routes, health, readiness, metrics and problem+json errors, and
+who may call each route (API keys and portal tokens, checked before the route runs)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from control import access as acl
+from control.access import Authenticator, FailedAuthLimiter, Need, RateLimiter
+from control.store import StoreUnavailable
 from query.routes import problem_response
 from schemas.problems import Problem
 
@@ -27,13 +34,86 @@ OPENAPI = Path(__file__).with_name("openapi.yaml")
 Checks = dict[str, Callable[[], Any]]
 
 
+@dataclass
+class Access:
+    """How a service checks its callers. ``authenticator`` None: authentication is off (an explicit
+    setting, logged at start)."""
+
+    authenticator: Authenticator | None
+    metrics: Literal["loopback", "key", "open"] = "loopback"
+    cors_origins: list[str] = field(default_factory=list)
+    rate: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    failures: FailedAuthLimiter = field(default_factory=lambda: FailedAuthLimiter(0))
+
+
+OPEN = Access(authenticator=None, metrics="open")
+
+
+def _too_many(detail: str, wait_s: float) -> Response:
+    return problem_response(Problem(429, detail, headers={"Retry-After": str(max(1, int(wait_s + 0.999)))}))
+
+
+def _guarded(endpoint: Callable[[Request], Any], path: str, access: Access) -> Callable[[Request], Any]:
+    """``endpoint`` behind the check its route needs: 401 without or with a bad key, 403 with one that may
+    not do this; the key itself is never echoed."""
+    authenticator = access.authenticator
+
+    async def guarded(request: Request) -> Response:
+        required = acl.need(request.method, path)
+        if path == "/metrics":
+            open_ = access.metrics == "open" or (
+                access.metrics == "loopback" and acl.is_loopback(request.client.host if request.client else None)
+            )
+            required = Need.PUBLIC if open_ else Need.READ
+        if authenticator is None or required is Need.PUBLIC:
+            response: Response = await endpoint(request)
+            return response
+        address = request.client.host if request.client else "-"
+        blocked = access.failures.blocked_for(address)
+        if blocked > 0:
+            return _too_many("too many failed authentications from this address; retry later", blocked)
+        try:
+            principal = await authenticator.authenticate(request.headers.get("authorization"))
+            acl.check(principal, required, request.path_params.get("subject"))
+        except Problem as problem:
+            if problem.status == 401:
+                access.failures.failed(address)
+            return problem_response(problem)
+        except StoreUnavailable as exc:
+            return problem_response(Problem(503, f"keys cannot be checked now: {exc}", headers={"Retry-After": "5"}))
+        assert principal is not None
+        wait = access.rate.retry_after(principal.id)
+        if wait > 0:
+            return _too_many("this key's request rate limit is reached", wait)
+        request.state.principal_id = principal.id
+        request.state.portal_subject = principal.subject
+        request.state.portal_meters = principal.allowed_meter_slugs
+        allowed: Response = await endpoint(request)
+        return allowed
+
+    return guarded
+
+
+def _protect(routes: Sequence[BaseRoute], access: Access) -> list[BaseRoute]:
+    out: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, Route):
+            methods = sorted(route.methods - {"HEAD"}) if route.methods else None
+            out.append(Route(route.path, _guarded(route.endpoint, route.path, access), methods=methods))
+        else:
+            out.append(route)
+    return out
+
+
 def build_app(
     routes: Sequence[BaseRoute],
     readiness: Checks,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    access: Access = OPEN,
 ) -> Starlette:
     """A Starlette app serving ``routes`` plus ``/healthz`` (the process answers), ``/readyz`` (every
-    readiness check passes: broker, storage...), ``/metrics`` (Prometheus) and ``/api/v1/openapi.yaml``."""
+    readiness check passes: broker, storage...), ``/metrics`` (Prometheus) and ``/api/v1/openapi.yaml``,
+    each behind the access its route needs (``access``)."""
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -78,8 +158,20 @@ def build_app(
         Route("/metrics", metrics, methods=["GET"]),
         Route("/api/v1/openapi.yaml", openapi, methods=["GET"]),
     ]
+    middleware = []
+    if access.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=access.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Accept"],
+                max_age=600,
+            )
+        )
     return Starlette(
-        routes=all_routes,
+        routes=_protect(all_routes, access),
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
+        middleware=middleware,
     )

@@ -26,14 +26,16 @@ from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from control.access import Authenticator, FailedAuthLimiter, RateLimiter
+from control.keys import KeyService
 from control.postgres.store import PostgresStore
-from control.routes import control_routes
+from control.routes import access_routes, control_routes
 from control.service import ControlService
 from ingest.producer import EventProducer
 from ingest.routes import ingest_routes
 from ingest.service import IngestService
 from meterstream.broker import reuse_or_start
-from meterstream.http import build_app
+from meterstream.http import Access, Checks, build_app
 from meterstream.logs import configure_logging
 from meterstream.pgserver import EmbeddedPostgres
 from meterstream.runtime import tune_gc, tune_malloc
@@ -42,7 +44,9 @@ from processors.app import Processor
 from processors.pricing import Pricer, load_overrides
 from query.render import rfc3339
 from query.routes import PriceQuoter, query_routes
+from schemas.problems import MeterstreamError
 from schemas.settings import (
+    AuthSettings,
     ClickHouseSettings,
     IngestSettings,
     KafkaSettings,
@@ -86,14 +90,43 @@ def make_quoter(pricer: Pricer) -> PriceQuoter:
     return quote
 
 
-def make_control(
-    postgres: PostgresSettings, default_plan: str | None, reader: MeterReader
-) -> tuple[list[BaseRoute], PostgresStore | None]:
-    """The control plane's routes over PostgreSQL and the metered usage; none without a DSN."""
+def make_store(postgres: PostgresSettings) -> PostgresStore | None:
     if postgres.dsn is None:
-        return [], None
-    store = PostgresStore(postgres.dsn.get_secret_value(), max_size=postgres.pool_max, timeout_s=postgres.timeout_s)
-    return list(control_routes(ControlService(store, reader, default_plan))), store
+        return None
+    return PostgresStore(postgres.dsn.get_secret_value(), max_size=postgres.pool_max, timeout_s=postgres.timeout_s)
+
+
+def make_control(store: PostgresStore | None, default_plan: str | None, reader: MeterReader) -> list[BaseRoute]:
+    """The control plane's routes (limits, keys, portal tokens) over PostgreSQL and the metered usage;
+    none without a store."""
+    if store is None:
+        return []
+    return [*control_routes(ControlService(store, reader, default_plan)), *access_routes(KeyService(store))]
+
+
+def make_access(auth: AuthSettings, store: PostgresStore | None, service: str) -> Access:
+    """How ``service`` checks its callers: keys from the store (and the configured admin key)."""
+    if not auth.enabled:
+        log.warning("%s: authentication is OFF (AUTH__ENABLED=false): anyone who can reach it may call it", service)
+        return Access(authenticator=None, metrics="open", cors_origins=list(auth.cors_origins))
+    admin_key = auth.admin_key.get_secret_value() if auth.admin_key else None
+    if store is None and admin_key is None:
+        raise MeterstreamError(
+            f"{service}: authentication needs the keys' PostgreSQL (POSTGRES__DSN) or an admin key (AUTH__ADMIN_KEY); "
+            "or turn it off explicitly with AUTH__ENABLED=false"
+        )
+
+    async def no_keys(kind: str, public_id: str) -> None:
+        return None
+
+    lookup = KeyService(store).lookup if store is not None else no_keys
+    return Access(
+        authenticator=Authenticator(lookup, bootstrap_admin_key=admin_key, cache_s=auth.cache_s),
+        metrics=auth.metrics,
+        cors_origins=list(auth.cors_origins),
+        rate=RateLimiter(auth.rate_limit_per_s, auth.rate_limit_burst),
+        failures=FailedAuthLimiter(auth.failed_auth_per_minute),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -132,16 +165,19 @@ def ingest_app(settings: IngestSettings) -> Starlette:
         settings.linger_ms,
     )
     service = IngestService(settings, producer)
+    store = make_store(settings.postgres) if settings.auth.enabled else None
+    access = make_access(settings.auth, store, "ingest")
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
+        async with _opened(store):
+            yield
         # Requests have drained; what is still queued goes out before the process ends.
         undelivered = await asyncio.to_thread(producer.close)
         if undelivered:
             log.error("ingest: %d records undelivered at shutdown (their requests were answered 503)", undelivered)
 
-    return build_app(ingest_routes(service, settings.max_body_bytes), {"broker": producer.ping}, lifespan)
+    return build_app(ingest_routes(service, settings.max_body_bytes), {"broker": producer.ping}, lifespan, access)
 
 
 def ingest_app_from_environment() -> Starlette:
@@ -221,7 +257,9 @@ def sink_app(settings: SinkSettings) -> Starlette:
     ch, sink, reader = _sink_parts(settings)
     thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
-    control, store = make_control(settings.postgres, settings.default_plan, reader)
+    store = make_store(settings.postgres)
+    control = make_control(store, settings.default_plan, reader)
+    access = make_access(settings.auth, store, "sink")
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -239,7 +277,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
         *control,
     ]
-    return build_app(routes, {"storage": reader.check, "sink": thread.is_alive}, lifespan)
+    return build_app(routes, {"storage": reader.check, "sink": thread.is_alive}, lifespan, access)
 
 
 def run_sink(settings: SinkSettings) -> None:
@@ -254,7 +292,9 @@ def query_app(settings: QuerySettings) -> Starlette:
     ch = ClickHouse(settings.clickhouse)
     migrate(ch)
     reader = MeterReader(ch)
-    control, store = make_control(settings.postgres, settings.default_plan, reader)
+    store = make_store(settings.postgres)
+    control = make_control(store, settings.default_plan, reader)
+    access = make_access(settings.auth, store, "query")
     routes = [
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
         *control,
@@ -266,7 +306,7 @@ def query_app(settings: QuerySettings) -> Starlette:
             yield
         ch.close()
 
-    return build_app(routes, {"storage": reader.check}, lifespan)
+    return build_app(routes, {"storage": reader.check}, lifespan, access)
 
 
 def run_query(settings: QuerySettings) -> None:
@@ -305,7 +345,9 @@ def local_app(local: LocalSettings) -> Starlette:
         embedded_pg = EmbeddedPostgres.start(data_dir / "postgres")
         postgres = postgres.model_copy(update={"dsn": SecretStr(embedded_pg.uri)})
     ch, sink, reader = _sink_parts(sink_settings)
-    control, store = make_control(postgres, local.default_plan, reader)
+    store = make_store(postgres)
+    control = make_control(store, local.default_plan, reader)
+    access = make_access(local.auth, store, "meterstream")
     processor = Processor(processor_settings, pricer, events_topic_id)
     producer = EventProducer(
         kafka.to_librdkafka(), topics.events, ingest_settings.produce_timeout_ms, ingest_settings.linger_ms
@@ -317,9 +359,11 @@ def local_app(local: LocalSettings) -> Starlette:
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         sink_thread.start()
         await processor.start()
-        log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
         try:
             async with _opened(store):
+                if local.auth.enabled and store is not None:
+                    await _local_admin_key(KeyService(store), data_dir / "admin.key")
+                log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
                 with _engine_memory_metrics(ch):
                     yield
         finally:
@@ -353,7 +397,24 @@ def local_app(local: LocalSettings) -> Starlette:
         ),
         *control,
     ]
-    return build_app(routes, {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}, lifespan)
+    readiness: Checks = {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}
+    return build_app(routes, readiness, lifespan, access)
+
+
+async def _local_admin_key(keys: KeyService, path: Path) -> None:
+    """The first start makes an admin key, prints it once and keeps it (mode 0600) where the CLI and the
+    README's curls find it; later starts only say where it is."""
+    if await asyncio.to_thread(path.exists):
+        log.info('meterstream: the admin key is in %s (curl -H "Authorization: Bearer $(cat %s)")', path, path)
+        return
+    _, token = await keys.create_key("meterstream up (local admin)", ["admin"])
+    await asyncio.to_thread(_save_secret, path, token)
+    print(f"\nmeterstream: your admin key, saved in {path} (it is not shown again):\n\n    {token}\n", flush=True)
+
+
+def _save_secret(path: Path, secret: str) -> None:
+    path.touch(mode=0o600)
+    path.write_text(secret + "\n")
 
 
 async def _drain(acknowledged: Mapping[int, int], sink: Sink, events_topic_id: str) -> bool:

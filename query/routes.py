@@ -4,6 +4,7 @@ Meterstream's own: the price in effect for a model, and reconciliation of stored
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -85,6 +86,34 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
             )
         return Response(to_json(query, rows), media_type="application/json")
 
+    async def portal_query(request: Request) -> Response:
+        """OpenMeter's portal query: a portal token's own subject's usage, whatever the parameters say (any
+        subject in them is replaced by the token's). The access check in front sets who is asking."""
+        subject = getattr(request.state, "portal_subject", None)
+        if subject is None:
+            return problem_response(Problem(403, "this endpoint takes a portal token (POST /api/v1/portal/tokens)"))
+        meter = find_meter(request.path_params["meter"])
+        if meter is None:
+            return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
+        allowed = getattr(request.state, "portal_meters", None)
+        if allowed is not None and meter.slug not in allowed:
+            return problem_response(Problem(403, f"this portal token may not read meter {meter.slug}"))
+        try:
+            raw = from_query_string(request.query_params.multi_items())
+            raw.pop("subject", None)
+            query = build_query(meter, raw)
+        except Problem as problem:
+            return problem_response(problem)
+        query = dataclasses.replace(
+            query,
+            include={**query.include, "subject": (subject,)},
+            exclude={k: v for k, v in query.exclude.items() if k != "subject"},
+        )
+        rows = await asyncio.to_thread(reader.query_meter, query)
+        if wants_csv(request.headers.get("accept")):
+            return Response(to_csv(query, rows), media_type="text/csv")
+        return Response(to_json(query, rows), media_type="application/json")
+
     async def list_events(request: Request) -> Response:
         params = request.query_params
         try:
@@ -163,6 +192,7 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
         Route("/api/v1/meters", list_meters, methods=["GET"]),
         Route("/api/v1/meters/{meter}", get_meter, methods=["GET"]),
         Route("/api/v1/meters/{meter}/query", query_meter, methods=["GET", "POST"]),
+        Route("/api/v1/portal/meters/{meter}/query", portal_query, methods=["GET"]),
         Route("/api/v1/events", list_events, methods=["GET"]),
         Route("/api/v1/prices", get_price, methods=["GET"]),
         Route("/api/v1/admin/reconcile", reconcile, methods=["GET"]),

@@ -75,6 +75,28 @@ class PostgresSettings(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0, le=60)
 
 
+class AuthSettings(BaseModel):
+    """Who may call: API keys (kept in the control plane's PostgreSQL) on every endpoint but /healthz and
+    /readyz. Turning it off is explicit, and logged at every start."""
+
+    enabled: bool = True
+    #: A key with the admin scope given as a secret (e.g. from the deployment's secret store), accepted
+    #: besides the stored keys: how a new deployment makes its first keys.
+    admin_key: SecretStr | None = None
+    #: A positive key check is reused this long at most, so a revoked key stops working within it.
+    cache_s: float = Field(default=1.0, gt=0, le=1.0)
+    #: ``/metrics``: ``loopback`` (open to requests from this machine, a read key otherwise), ``key``, ``open``.
+    metrics: Literal["loopback", "key", "open"] = "loopback"
+    #: Browser origins allowed to call the API (CORS), e.g. ``["https://app.example.com"]``, for portal tokens.
+    cors_origins: list[str] = Field(default_factory=list)
+    #: Requests per second per key, sustained (0: no limit), and the burst allowed above it.
+    rate_limit_per_s: float = Field(default=0.0, ge=0)
+    rate_limit_burst: float = Field(default=100.0, ge=1)
+    #: Failed authentications per client address and minute before the address is refused for the rest of
+    #: that minute (0: never).
+    failed_auth_per_minute: int = Field(default=30, ge=0)
+
+
 class _Service(BaseSettings):
     usage_event_type: str = DEFAULT_USAGE_EVENT_TYPE
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -101,6 +123,9 @@ class IngestSettings(_Service):
     #: this many, and always the latest half of them).
     recent_keys: int = Field(default=200_000, ge=0)
     linger_ms: int = Field(default=1, ge=0)
+    auth: AuthSettings = AuthSettings()
+    #: Where the API keys are (the control plane's PostgreSQL).
+    postgres: PostgresSettings = PostgresSettings()
 
 
 class ProcessorSettings(_Service):
@@ -157,6 +182,7 @@ class SinkSettings(_Service):
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
+    auth: AuthSettings = AuthSettings()
 
 
 class QuerySettings(_Service):
@@ -171,6 +197,7 @@ class QuerySettings(_Service):
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
+    auth: AuthSettings = AuthSettings()
 
 
 class LocalSettings(BaseSettings):
@@ -188,3 +215,5 @@ class LocalSettings(BaseSettings):
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
+    #: On by default here too: the first start makes an admin key and keeps it in ``<data dir>/admin.key``.
+    auth: AuthSettings = AuthSettings()

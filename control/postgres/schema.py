@@ -141,6 +141,32 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "API keys and portal tokens",
+        """
+        -- Only a SHA-256 of each secret is kept; the public id finds the record.
+        CREATE TABLE api_keys (
+            id text PRIMARY KEY,
+            name text NOT NULL,
+            scopes text[] NOT NULL,
+            secret_sha256 bytea NOT NULL,
+            created_at timestamptz NOT NULL,
+            revoked_at timestamptz
+        );
+
+        CREATE TABLE portal_tokens (
+            id text PRIMARY KEY,
+            subject_key text NOT NULL,
+            allowed_meter_slugs text[],
+            secret_sha256 bytea NOT NULL,
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            invalidated_at timestamptz
+        );
+        CREATE INDEX portal_tokens_subject ON portal_tokens (subject_key);
+        """,
+    ),
 )
 
 

@@ -24,6 +24,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from control.access import ApiKey, PortalToken, scopes_of
 from control.model import (
     Entitlement,
     EntitlementType,
@@ -539,6 +540,86 @@ class PgTx:
 
     async def clear_subject_plan(self, subject_key: str) -> None:
         await self._conn.execute(b"DELETE FROM subject_plans WHERE subject_key = %s", (subject_key,))
+
+    # -- access ----------------------------------------------------------------------------------------
+
+    async def insert_key(self, k: ApiKey) -> None:
+        await self._conn.execute(
+            b"INSERT INTO api_keys (id, name, scopes, secret_sha256, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (k.id, k.name, sorted(s.value for s in k.scopes), k.secret_sha256, k.created_at),
+        )
+
+    async def key(self, key_id: str) -> ApiKey | None:
+        row = await self._one("SELECT * FROM api_keys WHERE id = %s", (key_id,))
+        return _key(row) if row else None
+
+    async def keys(self) -> list[ApiKey]:
+        return [_key(r) for r in await self._all("SELECT * FROM api_keys ORDER BY created_at, id")]
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        cur = await self._conn.execute(
+            b"UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL", (at, key_id)
+        )
+        return cur.rowcount > 0
+
+    async def insert_portal_token(self, t: PortalToken) -> None:
+        await self._conn.execute(
+            b"INSERT INTO portal_tokens (id, subject_key, allowed_meter_slugs, secret_sha256, created_at, expires_at) "
+            b"VALUES (%s, %s, %s, %s, %s, %s)",
+            (
+                t.id,
+                t.subject,
+                list(t.allowed_meter_slugs) if t.allowed_meter_slugs is not None else None,
+                t.secret_sha256,
+                t.created_at,
+                t.expires_at,
+            ),
+        )
+
+    async def portal_token(self, token_id: str) -> PortalToken | None:
+        row = await self._one("SELECT * FROM portal_tokens WHERE id = %s", (token_id,))
+        return _portal(row) if row else None
+
+    async def portal_tokens(self, limit: int) -> list[PortalToken]:
+        rows = await self._all("SELECT * FROM portal_tokens ORDER BY created_at DESC, id LIMIT %s", (limit,))
+        return [_portal(r) for r in rows]
+
+    async def invalidate_portal_tokens(self, token_id: str | None, subject: str | None, at: datetime) -> int:
+        where, params = ["invalidated_at IS NULL"], [at]
+        if token_id is not None:
+            where.append("id = %s")
+            params.append(token_id)  # type: ignore[arg-type]
+        if subject is not None:
+            where.append("subject_key = %s")
+            params.append(subject)  # type: ignore[arg-type]
+        cur = await self._conn.execute(
+            f"UPDATE portal_tokens SET invalidated_at = %s WHERE {' AND '.join(where)}".encode(), params
+        )
+        return cur.rowcount
+
+
+def _key(r: DictRow) -> ApiKey:
+    return ApiKey(
+        id=r["id"],
+        name=r["name"],
+        scopes=scopes_of(r["scopes"]),
+        secret_sha256=bytes(r["secret_sha256"]),
+        created_at=r["created_at"],
+        revoked_at=r["revoked_at"],
+    )
+
+
+def _portal(r: DictRow) -> PortalToken:
+    slugs = r["allowed_meter_slugs"]
+    return PortalToken(
+        id=r["id"],
+        subject=r["subject_key"],
+        allowed_meter_slugs=tuple(slugs) if slugs is not None else None,
+        secret_sha256=bytes(r["secret_sha256"]),
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        invalidated_at=r["invalidated_at"],
+    )
 
 
 def _typed(row: Mapping[str, Any]) -> DictRow:

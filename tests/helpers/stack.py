@@ -94,7 +94,9 @@ class LocalStack:
         self.port = self.port or free_port()
         self.service = Service(
             ["up", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            self.env,
+            # Authentication is tested on its own (tests/e2e/test_access.py); elsewhere it is off unless a test
+            # turns it on.
+            {"METERSTREAM_LOCAL_AUTH__ENABLED": "false", **self.env},
             self.data_dir.parent / f"{self.data_dir.name}.log",
         )
         self.service.start()
@@ -181,6 +183,8 @@ class MultiProcessStack:
             f"{prefix}TOPICS__PARTITIONS": str(self.partitions),
             f"{prefix}LOG_LEVEL": "INFO",
         }
+        if service in ("ingest", "sink"):
+            env[f"{prefix}AUTH__ENABLED"] = "false"  # off unless a test turns it on (it has tests of its own)
         if service == "processor":
             env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
             env[f"{prefix}METRICS_PORT"] = str(free_port())
