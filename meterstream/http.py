@@ -76,8 +76,8 @@ def _guarded(endpoint: Callable[[Request], Any], path: str, access: Access) -> C
             principal = await authenticator.authenticate(request.headers.get("authorization"))
             acl.check(principal, required, request.path_params.get("subject"))
         except Problem as problem:
-            if problem.status == 401:
-                access.failures.failed(address)
+            if problem.status == 401 and request.headers.get("authorization"):
+                access.failures.failed(address)  # a wrong guess; a request without a key guesses nothing
             return problem_response(problem)
         except StoreUnavailable as exc:
             return problem_response(Problem(503, f"keys cannot be checked now: {exc}", headers={"Retry-After": "5"}))

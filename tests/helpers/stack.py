@@ -196,6 +196,8 @@ class MultiProcessStack:
             env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
         if service == "ingest":
             env[f"{prefix}PORT"] = str(self.ingest_port)
+            if self.postgres is not None:
+                env[f"{prefix}POSTGRES__DSN"] = self.postgres.uri  # the API keys
             env[f"{prefix}PRODUCE_TIMEOUT_MS"] = "3000"
         return env | {k: v for k, v in self.extra_env.items() if k.startswith(prefix)}
 
