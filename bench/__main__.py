@@ -24,10 +24,11 @@ SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "processing": scenarios.processing,
     "freshness": scenarios.freshness,
     "limits": scenarios.limits,
+    "access": scenarios.access,
     "query": scenarios.query,
     "soak": scenarios.soak,
 }
-DEFAULT = ("ingest", "processing", "freshness", "limits", "query")
+DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "query")
 
 
 def _parser() -> argparse.ArgumentParser:

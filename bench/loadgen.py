@@ -49,6 +49,8 @@ class LoadSpec:
     templates: int = 32
     #: Prefix of event ids (unique per run, so that reruns against the same stack are new events).
     id_prefix: str = "b"
+    #: An API key sent as ``Authorization: Bearer <key>`` on every request (None: no header).
+    api_key: str | None = None
 
 
 @dataclass
@@ -99,9 +101,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 class _Bodies:
     """Rotates through the templates, giving each request fresh ids."""
 
-    def __init__(self, templates: list[BodyTemplate], host: str, prefix: str) -> None:
+    def __init__(self, templates: list[BodyTemplate], host: str, prefix: str, api_key: str | None = None) -> None:
         self._templates = templates
-        self._host = host.encode()
+        self._host = host.encode() + (b"\r\nAuthorization: Bearer " + api_key.encode() if api_key else b"")
         self._prefix = prefix.encode()
         self._seq = 0
         self._next = 0
@@ -127,7 +129,7 @@ class _Bodies:
 
 async def _worker_main(spec: LoadSpec, index: int, start_wall: float) -> LoadResult:
     templates = body_templates(spec.templates, spec.events_per_request, subjects=spec.subjects, seed=spec.seed + index)
-    bodies = _Bodies(templates, spec.host, f"{spec.id_prefix}{index}")
+    bodies = _Bodies(templates, spec.host, f"{spec.id_prefix}{index}", spec.api_key)
     connections = max(1, spec.concurrency // spec.workers + (1 if index < spec.concurrency % spec.workers else 0))
     streams = [await asyncio.open_connection(spec.host, spec.port) for _ in range(connections)]
     result = LoadResult()

@@ -825,6 +825,84 @@ def limits(sizes: Sizes, work: Path) -> list[Row]:
     ]
 
 
+# -- 3c. access: what checking keys costs ingest ---------------------------------------------------------
+
+
+def _stored_key(dsn: str) -> str:
+    """An ingest key made the way the API makes one (kept in PostgreSQL, checked against its hash)."""
+    import asyncio
+
+    from control.keys import KeyService
+    from control.postgres.store import PostgresStore, apply_migrations
+
+    apply_migrations(dsn)
+
+    async def make() -> str:
+        store = PostgresStore(dsn)
+        await store.open()
+        try:
+            _, token = await KeyService(store).create_key("bench", ["ingest"])
+            return token
+        finally:
+            await store.close()
+
+    return asyncio.run(make())
+
+
+def access(sizes: Sizes, work: Path) -> list[Row]:
+    """Single-event ingest with authentication off and on (a stored key, checked against PostgreSQL at most
+    once a second and from memory otherwise), alternating runs of the same closed loop in the same run."""
+    stack = bench_stack(work / "access")
+    stack.start_broker()
+    stack.start_control()
+    key = _stored_key(stack.postgres.uri)
+    seconds = max(2.0, sizes.latency_seconds / 3)
+    results: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for round_ in range(2):
+            for auth in (False, True):
+                stack.extra_env = {
+                    "METERSTREAM_INGEST_AUTH__ENABLED": "true" if auth else "false",
+                    "METERSTREAM_INGEST_POSTGRES__DSN": stack.postgres.uri,
+                }
+                stack.start_ingest()
+                spec = LoadSpec(
+                    "127.0.0.1",
+                    stack.ingest_port,
+                    1,
+                    16,
+                    seconds,
+                    warmup_s=0.5,
+                    id_prefix=f"access-{round_}-{auth}-",
+                    api_key=key if auth else None,
+                )
+                result = Load(spec).start().join()
+                if result.requests_failed or result.statuses.get(401) or result.statuses.get(403):
+                    raise RuntimeError(f"access bench: failed requests {result.statuses} {result.errors[:3]}")
+                results[auth].append(result.requests_per_s)
+                assert stack.ingest is not None
+                stack.ingest.stop()
+    finally:
+        stack.stop()
+    off, on = sum(results[False]) / 2, sum(results[True]) / 2
+    details = {"runs_off": results[False], "runs_on": results[True], "seconds_per_run": seconds}
+    log(f"access: {details}")
+    apart = abs(off - on) / off if off else None
+    return [
+        Row(
+            "access",
+            "single-event requests/s, 16 clients, a key checked on every request",
+            "req/s",
+            on,
+            baseline=off,
+            baseline_name="authentication off",
+            target="< 5% apart",
+            met=apart is not None and apart < 0.05,
+            details=details,
+        )
+    ]
+
+
 # -- 4. query --------------------------------------------------------------------------------------------
 
 

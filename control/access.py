@@ -9,6 +9,7 @@ key stops working everywhere within that time, in every process.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -22,6 +23,7 @@ from typing import Final
 
 from ulid import ULID
 
+from control.errors import StoreUnavailable
 from schemas.problems import Problem
 
 
@@ -246,7 +248,13 @@ KeyLookup = Callable[[str, str], Awaitable[ApiKey | PortalToken | None]]
 
 
 class Authenticator:
-    """Bearer keys and portal tokens checked against the store, positive answers cached for ``cache_s``."""
+    """Bearer keys and portal tokens checked against the store, positive answers reused for ``cache_s``.
+
+    While the store cannot be reached (or does not answer within ``lookup_timeout_s``), a key that was
+    valid at its last check within ``grace_s`` stays valid, so ingest and usage queries keep working
+    through a PostgreSQL outage; a key never seen or seen only longer ago is answered 503. A revocation
+    needs the store, so it takes effect within ``cache_s`` of its commit whenever the store answers.
+    """
 
     def __init__(
         self,
@@ -254,13 +262,23 @@ class Authenticator:
         *,
         bootstrap_admin_key: str | None = None,
         cache_s: float = 1.0,
+        lookup_timeout_s: float = 2.0,
+        grace_s: float = 600.0,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._lookup = lookup
         self._bootstrap = sha256(bootstrap_admin_key) if bootstrap_admin_key else None
         self._cache_s = cache_s
+        self._lookup_timeout_s = lookup_timeout_s
+        self._grace_s = grace_s
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._clock = clock
+
+    def known_good(self, authorization: str | None) -> bool:
+        """The header carries a key that passed a check within ``cache_s`` (no lookup made)."""
+        token = (authorization or "").partition(" ")[2].strip()
+        cached = self._cache.get(token)
+        return cached is not None and time.monotonic() - cached[1] < self._cache_s
 
     async def authenticate(self, authorization: str | None) -> Principal | None:
         """The principal of an ``Authorization`` header; None without one. Raises 401 for a bad one."""
@@ -276,7 +294,15 @@ class Authenticator:
         now = time.monotonic()
         if cached is not None and now - cached[1] < self._cache_s:
             return cached[0]
-        principal = await self._verify(token)
+        try:
+            principal = await asyncio.wait_for(self._verify(token), self._lookup_timeout_s)
+        except (StoreUnavailable, TimeoutError):
+            if cached is not None and now - cached[1] < self._grace_s:
+                return cached[0]  # valid at its last check; the store is away (see the class docstring)
+            raise StoreUnavailable("keys cannot be checked now (PostgreSQL is not reachable)") from None
+        except Problem:
+            self._cache.pop(token, None)
+            raise
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[token] = (principal, now)

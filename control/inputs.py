@@ -10,10 +10,19 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from control.periods import Interval
 from schemas.problems import FieldError, Problem
@@ -22,6 +31,24 @@ KEY_PATTERN = r"^[a-z0-9]+(?:_[a-z0-9]+)*$"
 Key = Annotated[str, Field(pattern=KEY_PATTERN, max_length=64)]
 Priority = Annotated[int, Field(ge=1, le=255)]
 Amount = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=60, decimal_places=18)]
+#: Every time the rules compute with lies in the range of stored usage (1970 to 2106): beyond it period and
+#: expiry arithmetic would leave the calendar Python can represent.
+EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST: Final = datetime(2106, 1, 1, tzinfo=UTC)
+#: The longest recurring period, in months (100 years).
+MAX_PERIOD_MONTHS: Final = 1200
+#: How deeply a request body may nest.
+MAX_DEPTH: Final = 64
+
+
+def in_range(value: datetime) -> datetime:
+    """``value`` if it lies in ``[EARLIEST, LATEST)``, else ValueError."""
+    if not EARLIEST <= value < LATEST:
+        raise ValueError("must be from 1970-01-01T00:00:00Z to 2106-01-01T00:00:00Z (exclusive)")
+    return value
+
+
+Time = Annotated[AwareDatetime, AfterValidator(in_range)]
 
 
 class _In(BaseModel):
@@ -36,13 +63,15 @@ class PeriodIn(_In):
     """``RecurringPeriodCreateInput``: an interval and an optional anchor (default: chosen by the caller)."""
 
     interval: str
-    anchor: AwareDatetime | None = None
+    anchor: Time | None = None
     timeZone: str = "UTC"
 
     @field_validator("interval")
     @classmethod
     def _interval(cls, value: str) -> str:
-        Interval.parse(value)  # ValueError -> a 400 naming usagePeriod.interval
+        interval = Interval.parse(value)  # ValueError -> a 400 naming usagePeriod.interval
+        if interval.months + (interval.days + interval.minutes / 1440) / 31 > MAX_PERIOD_MONTHS:
+            raise ValueError(f"{value!r}: a period is at most 100 years")
         return value
 
     @field_validator("timeZone")
@@ -76,7 +105,7 @@ class MeteredIn(_EntitlementIn):
     isSoftLimit: bool = False
     isUnlimited: bool = False
     usagePeriod: PeriodIn
-    measureUsageFrom: Literal["CURRENT_PERIOD_START", "NOW"] | AwareDatetime | None = None
+    measureUsageFrom: Literal["CURRENT_PERIOD_START", "NOW"] | Time | None = None
     issueAfterReset: Amount | None = None
     issueAfterResetPriority: Priority = 1
     preserveOverageAtReset: bool = False
@@ -113,7 +142,7 @@ class ExpirationIn(_In):
 class GrantIn(_In):
     amount: Amount
     priority: Priority = 1
-    effectiveAt: AwareDatetime
+    effectiveAt: Time
     expiration: ExpirationIn
     maxRolloverAmount: Amount = Decimal(0)
     minRolloverAmount: Amount = Decimal(0)
@@ -122,7 +151,7 @@ class GrantIn(_In):
 
 
 class ResetIn(_In):
-    effectiveAt: AwareDatetime | None = None
+    effectiveAt: Time | None = None
     retainAnchor: bool = False
     preserveOverage: bool | None = None
 
@@ -134,6 +163,11 @@ class SubjectIn(_In):
     currentPeriodStart: AwareDatetime | None = None
     currentPeriodEnd: AwareDatetime | None = None
     stripeCustomerId: str | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _plain_json(value)
 
 
 class PlanIn(_In):
@@ -155,14 +189,57 @@ _ENTITLEMENT: TypeAdapter[MeteredIn | StaticIn | BooleanIn] = TypeAdapter(Entitl
 _SUBJECTS: TypeAdapter[list[SubjectIn]] = TypeAdapter(Annotated[list[SubjectIn], Field(max_length=1000)])
 
 
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a decoded body cannot be stored (PostgreSQL text takes neither NUL nor unpaired surrogates), or
+    None. Iterative, so a deeply nested body is refused rather than overflowing the stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "a string contains a NUL character (\\u0000)"
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return "a string contains an unpaired surrogate"
+        elif isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                return f"nested more than {MAX_DEPTH} levels deep"
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` with its exact decimals as JSON numbers (floats), for free-form JSON that is stored."""
+    if isinstance(value, Decimal):
+        number = float(value)
+        if number in (float("inf"), float("-inf")):
+            raise ValueError(f"the number {value} is out of range")
+        return number
+    if isinstance(value, dict):
+        return {k: _plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(v) for v in value]
+    return value
+
+
 def decode(body: bytes) -> Any:
     """JSON with exact decimal numbers."""
     if not body:
         raise Problem(400, "a JSON body is required")
     try:
-        return json.loads(body, parse_float=Decimal)
-    except ValueError as exc:
+        value = json.loads(body, parse_float=Decimal, parse_constant=_not_a_number)
+    except (ValueError, RecursionError) as exc:
         raise Problem(400, f"the body is not valid JSON: {exc}") from None
+    reason = _unstorable(value)
+    if reason is not None:
+        raise Problem(400, f"the body cannot be stored: {reason}")
+    return value
 
 
 def _problem(exc: ValidationError, prefix: str = "") -> Problem:

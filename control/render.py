@@ -52,10 +52,22 @@ def feature(f: Feature) -> dict[str, Any]:
     return body
 
 
+def _free_json(value: Any) -> Any:
+    """Free-form JSON (a subject's metadata) as orjson can write it: integers beyond 64 bits (PostgreSQL gives
+    large numbers back as integers) written out as they are."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value))
+    if isinstance(value, dict):
+        return {k: _free_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_free_json(v) for v in value]
+    return value
+
+
 def subject(s: Subject) -> dict[str, Any]:
     body: dict[str, Any] = {"id": s.id, "key": s.key, "createdAt": iso(s.created_at), "updatedAt": iso(s.updated_at)}
     _set(body, "displayName", s.display_name)
-    _set(body, "metadata", dict(s.metadata) if s.metadata is not None else None)
+    _set(body, "metadata", _free_json(dict(s.metadata)) if s.metadata is not None else None)
     _set(body, "currentPeriodStart", iso(s.current_period_start) if s.current_period_start else None)
     _set(body, "currentPeriodEnd", iso(s.current_period_end) if s.current_period_end else None)
     _set(body, "stripeCustomerId", s.stripe_customer_id)

@@ -31,6 +31,7 @@ from control.inputs import (
     PortalTokenIn,
     ResetIn,
     decode,
+    in_range,
     parse,
     parse_entitlement,
     parse_subjects,
@@ -63,6 +64,8 @@ def _guard(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def guarded(request: Request) -> Response:
+        if any("\x00" in str(v) for v in request.path_params.values()):  # stored text never holds NUL
+            return problem(Problem(404, "not found: the path contains a NUL character"))
         try:
             return await handler(request)
         except Problem as p:
@@ -76,13 +79,15 @@ def _guard(handler: Handler) -> Handler:
     return guarded
 
 
-async def _body(request: Request) -> Any:
+async def _body(request: Request, optional: bool = False) -> Any:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise Problem(413, "the body is larger than 1 MiB")
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise Problem(413, "the body is larger than 1 MiB")
+    if optional and not body.strip():
+        return {}
     return decode(body)
 
 
@@ -96,7 +101,10 @@ def _time(request: Request, name: str) -> datetime | None:
         raise bad(name, f"{value!r} is not an RFC 3339 date-time (e.g. 2025-01-01T00:00:00Z)") from None
     if parsed.tzinfo is None:
         raise bad(name, f"{value!r} has no UTC offset; add Z or +hh:mm")
-    return parsed.astimezone(UTC)
+    try:
+        return in_range(parsed).astimezone(UTC)
+    except ValueError as exc:
+        raise bad(name, str(exc)) from None
 
 
 def _bool(request: Request, name: str, default: bool = False) -> bool:
@@ -112,13 +120,16 @@ def _int(request: Request, name: str, low: int, high: int) -> int | None:
     value = request.query_params.get(name)
     if value is None:
         return None
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise bad(name, f"must be an integer from {low} to {high}")
     return int(value)
 
 
 def _list(request: Request, name: str) -> list[str]:
-    return [v for v in request.query_params.getlist(name) if v]
+    values = [v for v in request.query_params.getlist(name) if v]
+    if any("\x00" in v for v in values):
+        raise bad(name, "must not contain a NUL character")
+    return values
 
 
 def _choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
@@ -266,8 +277,7 @@ def control_routes(service: ControlService) -> list[Route]:
 
     async def reset_entitlement(request: Request) -> Response:
         p = request.path_params
-        raw = await request.body()
-        inp = parse(ResetIn, decode(raw) if raw.strip() else {})
+        inp = parse(ResetIn, await _body(request, optional=True))
         await service.reset(p["subject"], p["entitlementId"], inp)
         return Response(status_code=204)
 

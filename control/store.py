@@ -8,16 +8,10 @@ from datetime import datetime
 from typing import Protocol
 
 from control.access import ApiKey, PortalToken
+from control.errors import Conflict, StoreUnavailable
 from control.model import Entitlement, Feature, Grant, Plan, Subject, SubjectPlan, UsageReset
-from schemas.problems import MeterstreamError
 
-
-class StoreUnavailable(MeterstreamError):
-    """The store cannot be reached now; the request may be retried (answered 503 with Retry-After)."""
-
-
-class Conflict(MeterstreamError):
-    """A write would break a uniqueness rule (answered 409)."""
+__all__ = ["Conflict", "ControlStore", "ControlTx", "StoreUnavailable"]
 
 
 class ControlTx(Protocol):

@@ -164,7 +164,7 @@ def _keys(args: argparse.Namespace) -> int:
     from schemas.settings import LocalSettings, SinkSettings
 
     configure_logging("WARNING")
-    dsn = SinkSettings().postgres.dsn
+    dsn = SinkSettings().postgres.dsn or LocalSettings().postgres.dsn
     embedded = None
     if dsn is not None and args.data_dir is None:
         uri = dsn.get_secret_value()

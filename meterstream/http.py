@@ -70,7 +70,9 @@ def _guarded(endpoint: Callable[[Request], Any], path: str, access: Access) -> C
             return response
         address = request.client.host if request.client else "-"
         blocked = access.failures.blocked_for(address)
-        if blocked > 0:
+        # A blocked address (behind a gateway, many clients share one) still serves keys known good a
+        # moment ago; only unknown ones are refused, without costing a lookup.
+        if blocked > 0 and not authenticator.known_good(request.headers.get("authorization")):
             return _too_many("too many failed authentications from this address; retry later", blocked)
         try:
             principal = await authenticator.authenticate(request.headers.get("authorization"))

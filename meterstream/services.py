@@ -229,7 +229,7 @@ def processor_app(settings: ProcessorSettings) -> Starlette:
 
 def run_processor(settings: ProcessorSettings) -> None:
     tune_malloc()
-    _run(processor_app(settings), "0.0.0.0", settings.metrics_port, settings.log_level)
+    _run(processor_app(settings), settings.metrics_host, settings.metrics_port, settings.log_level)
 
 
 # -- sink (+ query API beside the engine) ---------------------------------------------------------------

@@ -24,6 +24,7 @@ from schemas.query import Difference, EventFilter, MeterQuery, QueryRow
 
 log = logging.getLogger(__name__)
 
+MAX_QUERY_BODY_BYTES = 1024 * 1024
 #: The event list looks back this far when no ``from`` is given (as OpenMeter).
 DEFAULT_EVENTS_LOOKBACK = timedelta(days=32)
 
@@ -200,9 +201,18 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > 1024 * 1024:
+    # Refused before it is read when the client says how large it is; read at most the cap otherwise.
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_QUERY_BODY_BYTES:
         raise Problem(413, "the query body is larger than 1 MiB")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_QUERY_BODY_BYTES:
+            raise Problem(413, "the query body is larger than 1 MiB")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         raw = orjson.loads(body) if body else {}
     except orjson.JSONDecodeError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.events import DEFAULT_USAGE_EVENT_TYPE
@@ -63,6 +63,11 @@ class ClickHouseSettings(BaseModel):
     password: SecretStr | None = None
     #: Create tables as Replicated*MergeTree on this cluster (see deploy/SCALING.md); empty for one node.
     cluster: str = ""
+    #: Limits on every read of the query API (the engine stops a query past them, answered as an error):
+    #: seconds, bytes of memory, rows in the result.
+    read_max_execution_s: int = Field(default=30, ge=1)
+    read_max_memory_bytes: int = Field(default=4 * 1024**3, ge=1024**2)
+    read_max_result_rows: int = Field(default=1_000_000, ge=1)
 
 
 class PostgresSettings(BaseModel):
@@ -81,7 +86,7 @@ class AuthSettings(BaseModel):
 
     enabled: bool = True
     #: A key with the admin scope given as a secret (e.g. from the deployment's secret store), accepted
-    #: besides the stored keys: how a new deployment makes its first keys.
+    #: besides the stored keys: how a new deployment makes its first keys. At least 32 characters.
     admin_key: SecretStr | None = None
     #: A positive key check is reused this long at most, so a revoked key stops working within it.
     cache_s: float = Field(default=1.0, gt=0, le=1.0)
@@ -95,6 +100,13 @@ class AuthSettings(BaseModel):
     #: Failed authentications per client address and minute before the address is refused for the rest of
     #: that minute (0: never).
     failed_auth_per_minute: int = Field(default=30, ge=0)
+
+    @field_validator("admin_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("an admin key is at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
 
 
 class _Service(BaseSettings):
@@ -150,6 +162,9 @@ class ProcessorSettings(_Service):
     session_timeout_s: float = Field(default=6.0, gt=0)
     #: Port of the metrics / health HTTP endpoint (0: none).
     metrics_port: int = Field(default=9101, ge=0, le=65535)
+    #: Address it listens on: this machine only unless configured (``0.0.0.0`` for a scraper on the network;
+    #: the endpoint has no authentication).
+    metrics_host: str = "127.0.0.1"
 
 
 class SinkSettings(_Service):

@@ -48,6 +48,10 @@ class AsyncMeterstreamClient(BaseClient):
     ``await flush()`` waits for delivery and ``await aclose()`` (or ``async with``) flushes and stops it.
     A client never closed has its buffer delivered synchronously at interpreter exit, within
     ``exit_timeout``.
+
+    ``api_key`` (default: the ``METERSTREAM_API_KEY`` environment variable) is sent as
+    ``Authorization: Bearer <key>`` on every request, events and queries; an ``Authorization`` in
+    ``headers`` wins over it.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class AsyncMeterstreamClient(BaseClient):
         base_url: str = "http://127.0.0.1:8888",
         *,
         source: str | None = None,
+        api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
         max_batch_events: int = 250,
@@ -71,6 +76,7 @@ class AsyncMeterstreamClient(BaseClient):
         super().__init__(
             base_url,
             source=source,
+            api_key=api_key,
             headers=headers,
             timeout=timeout,
             max_batch_events=max_batch_events,
@@ -330,6 +336,7 @@ class AsyncMeterstreamClient(BaseClient):
         sender = MeterstreamClient(
             self.base_url,
             source=self.source,
+            api_key="",  # the headers already hold this client's Authorization, if it has one
             headers=self._headers,
             timeout=self._timeout,
             max_batch_events=self._max_batch_events,

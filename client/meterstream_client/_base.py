@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -13,7 +14,22 @@ from meterstream_client._events import DEFAULT_EVENT_TYPE, build_event, check_te
 SERVER_MAX_EVENTS = 1000
 SERVER_MAX_BYTES = 1024 * 1024
 
+#: Where the API key comes from when none is given.
+API_KEY_ENV = "METERSTREAM_API_KEY"
+
 FullPolicy = Literal["drop", "raise"]
+
+
+def request_headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers of every request: ``headers``, plus ``Authorization: Bearer <key>`` for ``api_key`` (or
+    ``$METERSTREAM_API_KEY`` when it is None; an empty key sends none) unless ``headers`` has its own
+    ``Authorization``, which wins."""
+    out = dict(headers or {})
+    key = os.environ.get(API_KEY_ENV) if api_key is None else api_key
+    key = key.strip() if key else ""
+    if key and not any(name.lower() == "authorization" for name in out):
+        out["Authorization"] = f"Bearer {key}"
+    return out
 
 
 class BufferFullError(RuntimeError):
@@ -28,6 +44,7 @@ class BaseClient:
         base_url: str = "http://127.0.0.1:8888",
         *,
         source: str | None = None,
+        api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
         max_batch_events: int = 250,
@@ -51,7 +68,7 @@ class BaseClient:
             raise ValueError("timeouts and intervals must not be negative")
         self.base_url = base_url.rstrip("/")
         self.source = check_text("source", source, 1024) if source is not None else default_source()
-        self._headers = dict(headers or {})
+        self._headers = request_headers(api_key, headers)
         self._timeout = timeout
         self._max_batch_events = max_batch_events
         self._max_batch_bytes = max_batch_bytes

@@ -55,7 +55,11 @@ class MeterstreamClient(BaseClient):
         base_url: Meterstream's URL, e.g. ``http://127.0.0.1:8888``.
         source: the CloudEvents ``source`` of every event (the deduplication key is ``(source, id)``);
             ``meterstream-client/<hostname>`` by default.
-        headers: extra HTTP headers (e.g. ``Authorization`` for a gateway in front of Meterstream).
+        api_key: a Meterstream API key (``ms_ingest_...`` to send events, a ``read`` or ``admin`` key for
+            ``query_usage`` too), sent as ``Authorization: Bearer <key>`` on every request; the
+            ``METERSTREAM_API_KEY`` environment variable when None (``""``: send no key).
+        headers: extra HTTP headers. An ``Authorization`` header here is sent as it is and wins over
+            ``api_key`` (e.g. for a gateway in front of Meterstream that takes its own credentials).
         timeout: seconds per HTTP request.
         max_batch_events, max_batch_bytes: batch limits (Meterstream accepts up to 1000 events / 1 MiB).
         flush_interval: seconds to wait for a batch to fill before sending what is there.
@@ -75,6 +79,7 @@ class MeterstreamClient(BaseClient):
         base_url: str = "http://127.0.0.1:8888",
         *,
         source: str | None = None,
+        api_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
         max_batch_events: int = 250,
@@ -92,6 +97,7 @@ class MeterstreamClient(BaseClient):
         super().__init__(
             base_url,
             source=source,
+            api_key=api_key,
             headers=headers,
             timeout=timeout,
             max_batch_events=max_batch_events,

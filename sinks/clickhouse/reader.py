@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS
 from schemas.query import Difference, EventFilter, MeterQuery, QueryRow, WindowSize
-from sinks.clickhouse.connection import ClickHouse
+from sinks.clickhouse.connection import ClickHouse, is_embedded
 
 Sql = tuple[str, dict[str, Any]]
 
@@ -225,10 +225,26 @@ class MeterReader:
 
     def __init__(self, ch: ClickHouse) -> None:
         self._ch = ch
+        s = ch.settings
+        # On a server every read runs read-only and bounded (per-query settings of the HTTP request), so no
+        # query parameters can make it write, run away or exhaust it. Not on the embedded engine: there the
+        # settings would stick to the one session the sink writes through too.
+        self._limits: dict[str, Any] | None = None
+        if not is_embedded(s.dsn):
+            self._limits = {
+                "readonly": 2,
+                "max_execution_time": s.read_max_execution_s,
+                "max_memory_usage": s.read_max_memory_bytes,
+                "max_result_rows": s.read_max_result_rows,
+                "result_overflow_mode": "throw",
+            }
+
+    def _query(self, sql: str, params: dict[str, Any] | None = None) -> Any:
+        return self._ch.client().query(sql, parameters=params, settings=self._limits)
 
     def query_meter(self, query: MeterQuery) -> list[QueryRow]:
         sql, params = meter_query_sql(query)
-        result = self._ch.client().query(sql, parameters=params)
+        result = self._query(sql, params)
         dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
         # Unwindowed: the window is the query's range where it has bounds (converted once, not per row).
         range_start = _utc(query.start) if query.window_size is None and query.start else None
@@ -250,20 +266,20 @@ class MeterReader:
         """The query's total in each segment between ``boundaries`` (see :func:`segment_totals_sql`)."""
         sql, params = segment_totals_sql(query, boundaries)
         totals = [Decimal(0)] * (len(boundaries) + 1)
-        for segment, value in self._ch.client().query(sql, parameters=params).result_rows:
+        for segment, value in self._query(sql, params).result_rows:
             totals[segment] = Decimal(value)
         return totals
 
     def usage_subjects(self) -> list[tuple[str, datetime]]:
         """Every subject with stored usage, and the start of its first window."""
-        result = self._ch.client().query(
+        result = self._query(
             "SELECT subject, min(window_start) FROM usage_windows WHERE subject != '' GROUP BY subject ORDER BY subject"
         )
         return [(subject, _utc(first)) for subject, first in result.result_rows]
 
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
         sql, params = list_events_sql(f)
-        result = self._ch.client().query(sql, parameters=params)
+        result = self._query(sql, params)
         return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 
     def reconcile(self, start: datetime, end: datetime) -> list[Difference]:
@@ -272,7 +288,7 @@ class MeterReader:
         start = _floor_minute(start)
         end = _ceil_minute(end)
         sql, params = reconcile_sql(start, end)
-        result = self._ch.client().query(sql, parameters=params)
+        result = self._query(sql, params)
         differences = []
         for row in result.result_rows:
             subject, provider, model, window_start, *pairs = row

@@ -173,3 +173,18 @@ def test_a_written_batch_is_released_at_once(ch: ClickHouse) -> None:
     finally:
         gc.enable()
     assert after == before
+
+
+def test_read_limits_apply_on_a_server_only(clickhouse_settings: ClickHouseSettings) -> None:
+    """Per-query settings stick to the embedded engine's one session (which the sink writes through), so
+    the read-only, time, memory and row limits are sent to a server only."""
+    embedded = MeterReader(ClickHouse(clickhouse_settings))
+    assert embedded._limits is None
+    server = MeterReader(ClickHouse(ClickHouseSettings(dsn="http://clickhouse:8123", read_max_result_rows=7)))
+    assert server._limits == {
+        "readonly": 2,
+        "max_execution_time": 30,
+        "max_memory_usage": 4 * 1024**3,
+        "max_result_rows": 7,
+        "result_overflow_mode": "throw",
+    }

@@ -1,10 +1,12 @@
 """The production deployment (docker-compose.yml, deploy/) checked against the package, without Docker.
 
-The compose file must be valid; every Meterstream service must run a real ``meterstream`` subcommand whose
-settings parse from exactly the environment compose gives it, with values that agree across services (the
-control plane's DSN included: it must reach the compose PostgreSQL); ports are bound to 127.0.0.1,
-dependencies wait for health, images are pinned; the image holds every package; the Grafana dashboard's
-SQL runs on ClickHouse against the real schema.
+The compose file must be valid, and refuse to resolve without its secrets (no default password, no default
+admin key); every Meterstream service must run a real ``meterstream`` subcommand whose settings parse from
+exactly the environment compose gives it, with values that agree across services (the control plane's DSN
+included: it must reach the compose PostgreSQL, ingest's too, for the API keys); every API service checks
+keys, with the bootstrap admin key given; ports are bound to 127.0.0.1, the processor's unauthenticated
+metrics to the container's loopback; dependencies wait for health, images are pinned; the image holds every
+package; the Grafana dashboard's SQL runs on ClickHouse against the real schema.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 }
 #: The settings blocks each subcommand uses (the others keep their defaults, unused).
 USES: dict[str, set[str]] = {
-    "ingest": {"kafka", "topics"},
+    "ingest": {"kafka", "topics", "postgres"},
     "processor": {"kafka", "topics"},
     "sink": {"kafka", "topics", "clickhouse", "postgres"},
     "query": {"clickhouse", "postgres"},
@@ -64,6 +66,13 @@ USES: dict[str, set[str]] = {
 #: Subcommands serving HTTP on settings.host:settings.port.
 HTTP_COMMANDS = {"ingest", "sink", "query"}
 HEALTH_CONDITIONS = {"service_healthy", "service_completed_successfully"}
+#: The variables compose must refuse to start without (``${VAR:?...}``), with the values the tests give them.
+SECRETS: dict[str, str] = {
+    "METERSTREAM_ADMIN_KEY": "test-admin-key-0f4c2a9d7e1b3c5a8f6e2d4b1a3c5e7f",
+    "CLICKHOUSE_PASSWORD": "test-clickhouse-password",
+    "POSTGRES_PASSWORD": "test-postgres-password",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
+}
 _VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<named>\w+))")
 
 
@@ -95,30 +104,45 @@ def _interpolate(value: Any, env: Mapping[str, str]) -> Any:
     return _VARIABLE.sub(substitute, value)
 
 
-@cache
-def own_resolution() -> dict[str, Any]:
-    """The compose file as compose sees it with no variable set: YAML anchors and merge keys resolved by
-    PyYAML, then variables substituted with their defaults."""
-    return _interpolate(yaml.safe_load(COMPOSE.read_text()), {})
+def own_resolution(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as compose sees it with only ``env`` set (the required secrets by default): YAML
+    anchors and merge keys resolved by PyYAML, then variables substituted, with their defaults where unset.
+    ValueError when a required variable is missing."""
+    return _interpolate(_compose_yaml(), SECRETS if env is None else env)
 
 
 @cache
-def docker_compose_resolution() -> dict[str, Any] | None:
-    """``docker-compose config`` (anchors, merges, defaults), or None without the binary."""
+def _compose_yaml() -> Any:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def run_docker_compose(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str] | None:
+    """``docker-compose -f docker-compose.yml ARGS`` with exactly ``env`` as its variables (an env file in a
+    temporary directory; no .env, nothing inherited), or None without the binary."""
     binary = shutil.which("docker-compose")
     if binary is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.env"  # no .env file, no variable: every default
-        empty.write_text("")
-        result = subprocess.run(
-            [binary, "--env-file", str(empty), "-f", str(COMPOSE), "--profile", "grafana", "config"],
+        env_file = Path(tmp) / "compose.env"
+        env_file.write_text("".join(f"{key}={value}\n" for key, value in env.items()))
+        return subprocess.run(
+            [binary, "--env-file", str(env_file), "-f", str(COMPOSE), *args],
             cwd=ROOT,
             env={"PATH": os.environ["PATH"], "HOME": tmp},
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
         )
+
+
+@cache
+def docker_compose_resolution() -> dict[str, Any] | None:
+    """``docker-compose config`` (anchors, merges, defaults) given the required secrets and nothing else, or
+    None without the binary."""
+    result = run_docker_compose(SECRETS, "--profile", "grafana", "config")
+    if result is None:
+        return None
+    assert result.returncode == 0, result.stderr
     loaded: dict[str, Any] = yaml.safe_load(result.stdout)
     return loaded
 
@@ -204,13 +228,33 @@ def settings(services: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_docker_compose_config_is_valid() -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
+    result = run_docker_compose(SECRETS, "config", "-q")
+    if result is None:
         pytest.skip("docker-compose is not on PATH (CI installs Debian's docker-compose in .ci/run)")
-    result = subprocess.run(
-        [binary, "-f", "docker-compose.yml", "config", "-q"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_resolve_without_each_secret(missing: str) -> None:
+    """No default password and no default admin key: without one of them compose stops, naming it (set but
+    empty counts as missing). Grafana's included, although its profile is optional: compose substitutes the
+    variables of the whole file before it selects the services."""
+    for env in ({k: v for k, v in SECRETS.items() if k != missing}, {**SECRETS, missing: ""}):
+        with pytest.raises(ValueError, match=f"required variable {missing} is not set"):
+            own_resolution(env)
+        result = run_docker_compose(env, "config", "-q")
+        if result is not None:
+            assert result.returncode != 0, f"docker-compose resolved the file without {missing}"
+            assert missing in result.stderr, result.stderr
+
+
+def test_secrets_have_no_default_anywhere() -> None:
+    """Every use of a secret is ``${VAR:?...}``: one use with a default would quietly bring it back."""
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        uses = re.findall(rf"\$\{{{name}(?P<op>[^}}\w]*)", text)
+        assert uses, f"{name} is not used"
+        assert set(uses) == {":?"}, f"{name}: {uses}"
 
 
 def test_own_resolution_agrees_with_docker_compose() -> None:
@@ -306,11 +350,27 @@ def test_http_services_listen_on_all_interfaces_at_their_published_port(
             assert [container for _, _, container in published_ports(service)] == [str(s.port)], name
             assert f"127.0.0.1:{s.port}/readyz" in " ".join(service["healthcheck"]["test"]), name
     processor = services["processor"]
-    # Scaled with --scale: no published port; health and metrics on the network only.
+    # Scaled with --scale: no published port. Its health and metrics have no authentication: they listen on
+    # the container's loopback, where its healthcheck runs, and nothing exposes them to the network.
     assert published_ports(processor) == []
-    assert str(settings["processor"].metrics_port) in [str(p) for p in processor.get("expose", [])]
+    assert settings["processor"].metrics_host == "127.0.0.1"
+    assert not processor.get("expose"), "exposed, but the processor's metrics listen on loopback only"
     assert f"127.0.0.1:{settings['processor'].metrics_port}/readyz" in " ".join(processor["healthcheck"]["test"])
     assert "container_name" not in processor
+
+
+def test_every_api_service_checks_keys_with_the_bootstrap_admin_key(
+    services: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    api = {name for name, service in meterstream_services(services).items() if command(service)[0] in HTTP_COMMANDS}
+    assert api == {"ingest", "sink", "query"}
+    for name in api:
+        auth = settings[name].auth
+        assert auth.enabled, name
+        assert auth.admin_key is not None, f"{name}: no METERSTREAM_..._AUTH__ADMIN_KEY"
+        assert auth.admin_key.get_secret_value() == SECRETS["METERSTREAM_ADMIN_KEY"], name
+        # Where the keys it makes are checked (a service with neither refuses to start).
+        assert settings[name].postgres.dsn is not None, name
 
 
 # -- (d) ports, (e) dependencies, images, volumes ------------------------------------------------------------
@@ -431,7 +491,7 @@ def test_the_control_plane_reaches_the_compose_postgres(
         assert dsn["dbname"] == postgres.get("POSTGRES_DB", dsn["user"]), name
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
         with_dsn.add(name)
-    assert {"sink", "query", "init-schema"} <= with_dsn
+    assert {"ingest", "sink", "query", "init-schema"} <= with_dsn
 
 
 # -- Grafana ---------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ import time
 import httpx
 import meterstream_client as mc
 import pytest
+from meterstream_client._query import METERS
 
 from tests.helpers.fake_meterstream import FakeMeterstream
-from tests.unit.test_client_sync import FAST, emit
+from tests.unit.test_client_sync import FAST, KEY, Recorder, emit
 
 
 def client(fake: FakeMeterstream, **options: object) -> mc.AsyncMeterstreamClient:
@@ -134,3 +135,53 @@ def test_events_survive_the_end_of_an_event_loop() -> None:
 
     asyncio.run(second())
     assert meter.stats.pending == 0 and len(fake.stored) == 5
+
+
+# -- the API key -------------------------------------------------------------------------------------------
+
+
+async def events_and_query(recorder: Recorder, **options: object) -> None:
+    settings: dict[str, object] = {"flush_interval": 5.0, "retry": FAST, "source": "unit"}
+    settings.update(options)
+    async with mc.AsyncMeterstreamClient("http://meterstream.test", transport=recorder.transport, **settings) as meter:  # type: ignore[arg-type]
+        emit(meter, 3)
+        assert await meter.flush(timeout=5)
+        await meter.query_usage("alice")
+
+
+async def test_the_api_key_is_sent_on_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METERSTREAM_API_KEY", raising=False)
+    recorder = Recorder()
+    await events_and_query(recorder, api_key=KEY)
+    assert recorder.paths() == {"/api/v1/events", *(f"/api/v1/meters/{m}/query" for m in METERS)}
+    assert recorder.headers() == {f"Bearer {KEY}"}
+
+
+async def test_the_api_key_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERSTREAM_API_KEY", KEY)
+    recorder = Recorder()
+    await events_and_query(recorder)
+    assert recorder.headers() == {f"Bearer {KEY}"}
+    recorder = Recorder()
+    await events_and_query(recorder, api_key="")
+    assert recorder.headers() == {None}
+
+
+async def test_an_explicit_authorization_header_wins_over_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERSTREAM_API_KEY", KEY)
+    recorder = Recorder()
+    await events_and_query(recorder, api_key="ms_read_ignored", headers={"authorization": "Basic Z2F0ZXdheQ=="})
+    assert recorder.headers() == {"Basic Z2F0ZXdheQ=="}
+
+
+def test_the_exit_delivery_of_an_unclosed_client_keeps_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events of a client whose loop is gone go out through a blocking sender: with the same key, even when
+    the environment has changed since."""
+    monkeypatch.setenv("METERSTREAM_API_KEY", KEY)
+    recorder = Recorder()
+    meter = mc.AsyncMeterstreamClient("http://meterstream.test", transport=recorder.transport, flush_interval=60)
+    emit(meter, 2)  # outside a loop: queued, no sender started
+    monkeypatch.setenv("METERSTREAM_API_KEY", "ms_ingest_changed")
+    meter._deliver_at_exit()
+    assert recorder.paths() == {"/api/v1/events"}
+    assert recorder.headers() == {f"Bearer {KEY}"}

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import meterstream_client as mc
 import pytest
+from meterstream_client._query import METERS
 
 from tests.helpers.fake_meterstream import FakeMeterstream
 
@@ -251,3 +252,80 @@ def test_the_package_depends_on_httpx_only_and_not_on_the_server() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr.decode()
+
+
+# -- the API key -------------------------------------------------------------------------------------------
+
+KEY = "ms_ingest_01JDQ4S6ZB1X3M5E8QW2N7R9TK_4m3Q0mJx1S9Zb2pY7vRkqL8wT5nC6hD0eF3gH4iJ5kL"
+
+
+class Recorder:
+    """An httpx transport answering ingest (204) and meter queries (no rows), keeping each request's
+    ``Authorization`` header (None without one)."""
+
+    def __init__(self) -> None:
+        self.authorization: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        with self.lock:
+            self.authorization.append((request.url.path, request.headers.get("authorization")))
+        if request.url.path == "/api/v1/events":
+            return httpx.Response(204)
+        return httpx.Response(200, json={"windowSize": "DAY", "data": []})
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def paths(self) -> set[str]:
+        return {path for path, _ in self.authorization}
+
+    def headers(self) -> set[str | None]:
+        return {value for _, value in self.authorization}
+
+
+def events_and_query(recorder: Recorder, **options: object) -> None:
+    settings: dict[str, object] = {"flush_interval": 5.0, "retry": FAST, "source": "unit"}
+    settings.update(options)
+    with mc.MeterstreamClient("http://meterstream.test", transport=recorder.transport, **settings) as meter:  # type: ignore[arg-type]
+        emit(meter, 3)
+        assert meter.flush(timeout=5)
+        meter.query_usage("alice")
+
+
+def test_the_api_key_is_sent_on_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METERSTREAM_API_KEY", raising=False)
+    recorder = Recorder()
+    events_and_query(recorder, api_key=KEY)
+    assert recorder.paths() == {"/api/v1/events", *(f"/api/v1/meters/{m}/query" for m in METERS)}
+    assert recorder.headers() == {f"Bearer {KEY}"}
+
+
+def test_the_api_key_defaults_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERSTREAM_API_KEY", KEY)
+    recorder = Recorder()
+    events_and_query(recorder)
+    assert recorder.headers() == {f"Bearer {KEY}"}
+    # An explicit key wins over the environment; an empty one sends none.
+    recorder = Recorder()
+    events_and_query(recorder, api_key="ms_read_other")
+    assert recorder.headers() == {"Bearer ms_read_other"}
+    recorder = Recorder()
+    events_and_query(recorder, api_key="")
+    assert recorder.headers() == {None}
+
+
+def test_without_a_key_no_authorization_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METERSTREAM_API_KEY", raising=False)
+    recorder = Recorder()
+    events_and_query(recorder)
+    assert recorder.headers() == {None}
+
+
+@pytest.mark.parametrize("name", ["Authorization", "authorization"])
+def test_an_explicit_authorization_header_wins_over_the_key(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv("METERSTREAM_API_KEY", KEY)
+    recorder = Recorder()
+    events_and_query(recorder, api_key="ms_read_ignored", headers={name: "Basic Z2F0ZXdheTpzZWNyZXQ="})
+    assert recorder.headers() == {"Basic Z2F0ZXdheTpzZWNyZXQ="}
