@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## Lint, type-check and run every test (unit, integration, end-to-end)
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest tests
+	$(BIN)/pytest -n 2 --dist loadfile tests
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -49,7 +49,8 @@ bench-smoke: $(STAMP)
 
 ## Validate docker-compose.yml without a Docker engine: valid given its required secrets (placeholders here),
 ## refused without them (no variable at all: no .env, an empty environment)
-COMPOSE_SECRETS := METERSTREAM_ADMIN_KEY=check CLICKHOUSE_PASSWORD=check POSTGRES_PASSWORD=check GRAFANA_ADMIN_PASSWORD=check
+COMPOSE_SECRETS := METERSTREAM_ADMIN_KEY=check CLICKHOUSE_PASSWORD=check CLICKHOUSE_READER_PASSWORD=check \
+	POSTGRES_PASSWORD=check GRAFANA_ADMIN_PASSWORD=check
 compose-check:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && : > "$$tmp/empty.env" && \
 	env -i PATH="$$PATH" HOME="$$tmp" $(COMPOSE_SECRETS) \

@@ -125,7 +125,7 @@ class Need(StrEnum):
     PORTAL = "portal"
 
 
-_PUBLIC: Final = frozenset({"/healthz", "/readyz", "/api/v1/openapi.yaml"})
+_PUBLIC: Final = frozenset({"/healthz", "/readyz"})
 #: Routes a portal token may read, for the subject in the path, besides the portal's own.
 _PORTAL_READABLE: Final = frozenset(
     {

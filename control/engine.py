@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Final
 
 from control.model import Entitlement, Grant, UsageReset
 from control.periods import RecurringPeriod, truncate_minute
@@ -49,25 +50,25 @@ def resets_between(
     preserve_overage_at_reset: bool,
 ) -> tuple[list[Reset], RecurringPeriod]:
     """Every reset in ``(start, end]`` and the period in force at ``end``. A manual reset that does not
-    retain the anchor re-anchors the period at itself; one at a period boundary is that boundary's reset."""
+    retain the anchor re-anchors the period at itself; one at a period boundary is that boundary's reset.
+    (Linear in the number of boundaries: each stretch between manual resets is one walk of its period.)"""
     resets: list[Reset] = []
-    pending = sorted((r for r in manual if start < r.at <= end), key=lambda r: r.at)
     t = start
-    while True:
-        upcoming = period.boundaries(t, end)
-        auto = upcoming[0] if upcoming else None
-        nxt = pending[0] if pending else None
-        if nxt is not None and (auto is None or nxt.at <= auto):
-            pending.pop(0)
-            resets.append(Reset(nxt.at, nxt.preserve_overage, manual=True))
-            if not nxt.retain_anchor:
-                period = RecurringPeriod(period.interval, nxt.at, period.time_zone)
-            t = nxt.at
-        elif auto is not None:
-            resets.append(Reset(auto, preserve_overage_at_reset, manual=False))
-            t = auto
-        else:
-            return resets, period
+    for m in sorted((r for r in manual if start < r.at <= end), key=lambda r: r.at):
+        resets.extend(Reset(b, preserve_overage_at_reset, manual=False) for b in period.boundaries(t, m.at) if b < m.at)
+        resets.append(Reset(m.at, m.preserve_overage, manual=True))
+        if not m.retain_anchor:
+            period = RecurringPeriod(period.interval, m.at, period.time_zone)
+        t = m.at
+    resets.extend(Reset(b, preserve_overage_at_reset, manual=False) for b in period.boundaries(t, end))
+    return resets, period
+
+
+def period_in_force(period: RecurringPeriod, manual: Sequence[UsageReset], at: datetime) -> RecurringPeriod:
+    """The period at ``at``: re-anchored at the latest manual reset up to ``at`` that did not retain the
+    anchor (without walking any boundary)."""
+    moved = [r.at for r in manual if r.at <= at and not r.retain_anchor]
+    return RecurringPeriod(period.interval, max(moved), period.time_zone) if moved else period
 
 
 def burn_order(grant: Grant) -> tuple[int, datetime, datetime, str]:
@@ -137,6 +138,41 @@ def _memoryless(reset: Reset, grants: Iterable[Grant]) -> bool:
     return True
 
 
+#: How many period boundaries back from the end the replay looks for one to start at.
+_LOOK_BACK: Final = 1000
+
+
+def _replay_start(
+    entitlement: Entitlement,
+    live: Sequence[Grant],
+    manual: Sequence[UsageReset],
+    *,
+    start: datetime,
+    end: datetime,
+    replay_by: datetime | None,
+) -> tuple[datetime, bool]:
+    """The latest reset (not after ``replay_by``) whose outcome does not depend on the past, and True; or
+    the start of measurement and False. Walks back from the end, boundary by boundary, at most
+    ``_LOOK_BACK`` of them (then the replay is a full one: exact, only slower)."""
+    assert entitlement.usage_period is not None
+    limit = end if replay_by is None else min(end, replay_by)
+    candidates: list[Reset] = [Reset(r.at, r.preserve_overage, manual=True) for r in manual if r.at <= limit]
+    later_manual = sorted(r.at for r in manual)
+    period = period_in_force(entitlement.usage_period, manual, limit)
+    floor = max([start, *(t for t in later_manual if t <= limit)])
+    k = period.index(limit)
+    for _ in range(_LOOK_BACK):
+        b = period.boundary(k)
+        if b <= floor:
+            break
+        candidates.append(Reset(b, entitlement.preserve_overage_at_reset, manual=False))
+        k -= 1
+    for reset in sorted(candidates, key=lambda r: r.at, reverse=True):
+        if _memoryless(reset, live):
+            return reset.at, True
+    return start, False
+
+
 def _recurs_at(grant: Grant, t: datetime) -> bool:
     return grant.recurrence is not None and t > grant.effective_at and grant.recurrence.containing(t)[0] == t
 
@@ -156,16 +192,21 @@ def timeline(
     assert entitlement.measure_usage_from is not None
     start = entitlement.measure_usage_from
     end = max(at, start)
-    resets, period = resets_between(
-        entitlement.usage_period, manual_resets, start, end, entitlement.preserve_overage_at_reset
-    )
+    manual = [r for r in manual_resets if start < r.at <= end]
     live = [g for g in grants if g.effective_at <= end and g.ends_at() > start]
-    replay_start = start
-    seeded = False
-    for reset in reversed(resets):
-        if (replay_by is None or reset.at <= replay_by) and _memoryless(reset, live):
-            replay_start, seeded = reset.at, True
-            break
+    replay_start, seeded = _replay_start(entitlement, live, manual, start=start, end=end, replay_by=replay_by)
+    # Only the resets from where the replay starts are laid out (a long history of short periods is not
+    # walked again for every value).
+    resets, period = resets_between(
+        period_in_force(entitlement.usage_period, manual, replay_start),
+        [r for r in manual if r.at > replay_start],
+        replay_start,
+        end,
+        entitlement.preserve_overage_at_reset,
+    )
+    if seeded:
+        preserve = next((r.preserve_overage for r in manual if r.at == replay_start), False)
+        resets.insert(0, Reset(replay_start, preserve, manual=any(r.at == replay_start for r in manual)))
     points = {replay_start, end}
     points.update(r.at for r in resets if r.at > replay_start)
     for g in live:

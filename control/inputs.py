@@ -160,8 +160,8 @@ class SubjectIn(_In):
     key: Annotated[str, Field(min_length=1, max_length=256)]
     displayName: str | None = None
     metadata: dict[str, Any] | None = None
-    currentPeriodStart: AwareDatetime | None = None
-    currentPeriodEnd: AwareDatetime | None = None
+    currentPeriodStart: Time | None = None
+    currentPeriodEnd: Time | None = None
     stripeCustomerId: str | None = None
 
     @field_validator("metadata")

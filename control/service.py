@@ -597,12 +597,15 @@ class ControlService:
         meter = find_meter(feature.meter_slug or "")
         if meter is None:
             raise Problem(500, f"feature {feature.key} counts meter {feature.meter_slug}, which does not exist")
-        line = engine.timeline(ent, grants, resets, at, extra=extra, replay_by=min(extra, default=None))
+        # The engine is pure but may walk many boundaries (a long history of short periods): off the loop.
+        line = await asyncio.to_thread(
+            engine.timeline, ent, grants, resets, at, extra=extra, replay_by=min(extra, default=None)
+        )
         usages: list[Decimal] = []
         if len(line.boundaries) > 1:
             query = self._usage_query(ent.subject_key, feature, meter, line.boundaries[0], line.end)
             usages = await asyncio.to_thread(self._usage.segment_totals, query, line.boundaries[1:-1])
-        return engine.replay(line, usages, record_segments=record), line
+        return await asyncio.to_thread(engine.replay, line, usages, record), line
 
     async def value(self, subject_key: str, ref: str, at: datetime | None) -> Value:
         ent, feature, grants, resets, now = await self._metered_state(subject_key, ref)
@@ -871,7 +874,7 @@ def current_period(ent: Entitlement, resets: Sequence[UsageReset], at: datetime)
     assert ent.measure_usage_from is not None
     start = ent.measure_usage_from
     t = max(at, start)
-    _, period = engine.resets_between(ent.usage_period, resets, start, t, ent.preserve_overage_at_reset)
+    period = engine.period_in_force(ent.usage_period, [r for r in resets if r.at > start], t)
     frm, to = period.containing(t)
     cut = max([start, *(r.at for r in resets if r.at <= t)])
     later = [r.at for r in resets if r.at > t]

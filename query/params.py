@@ -36,7 +36,10 @@ def parse_time(field: str, value: Any) -> datetime:
         raise bad(field, f"{value!r} is not an RFC 3339 date-time (e.g. 2025-01-01T00:00:00Z)") from None
     if parsed.tzinfo is None:
         raise bad(field, f"{value!r} has no UTC offset; add Z or +hh:mm")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise bad(field, f"{value!r} is out of range") from None
 
 
 def parse_time_zone(value: Any) -> str:

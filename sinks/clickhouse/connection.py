@@ -38,16 +38,23 @@ class ClickHouse:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list[Client] = []
+        #: Whether the server lets this user read only (``readonly`` in its settings profile, as the query
+        #: service's user in docker-compose.yml): known once the first client is open.
+        self.read_only = False
 
     def client(self) -> Client:
-        """This thread's client (created on first use; the database is created if missing)."""
+        """This thread's client (created on first use; the database is created if missing, unless the user
+        may only read: then it must exist already)."""
         client: Client | None = getattr(self._local, "client", None)
         if client is None:
             with self._lock:
                 if not self._clients:
                     bootstrap = self._open(database=None)
-                    on_cluster = f" ON CLUSTER `{self.settings.cluster}`" if self.settings.cluster else ""
-                    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`{on_cluster}")
+                    # A read-only user may not run even CREATE DATABASE IF NOT EXISTS.
+                    self.read_only = _read_only(bootstrap, self.settings.dsn)
+                    if not self.read_only:
+                        on_cluster = f" ON CLUSTER `{self.settings.cluster}`" if self.settings.cluster else ""
+                        bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`{on_cluster}")
                     self._clients.append(bootstrap)
                 client = self._open(database=self.database)
                 self._clients.append(client)
@@ -80,6 +87,14 @@ class ClickHouse:
                 client.close()
             self._clients.clear()
         self._local = threading.local()
+
+
+def _read_only(client: Client, dsn: str) -> bool:
+    """Whether the server runs this client's queries read-only (``readonly`` 1 or 2); never on the embedded
+    engine."""
+    if is_embedded(dsn):
+        return False
+    return int(client.query("SELECT getSetting('readonly')").result_rows[0][0]) != 0
 
 
 def unavailable(exc: BaseException) -> bool:

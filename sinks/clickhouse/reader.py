@@ -285,8 +285,8 @@ class MeterReader:
     def reconcile(self, start: datetime, end: datetime) -> list[Difference]:
         """Differences between the stored window totals and totals recomputed from the audit log over
         ``[start, end)``, widened to whole minutes."""
-        start = _floor_minute(start)
-        end = _ceil_minute(end)
+        start = _floor_minute(_bounded(start) or EARLIEST)  # bounded first: near the ends of time a minute
+        end = _ceil_minute(_bounded(end) or LATEST)  # more would overflow
         sql, params = reconcile_sql(start, end)
         result = self._query(sql, params)
         differences = []

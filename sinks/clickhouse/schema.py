@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Final
 
+from schemas.problems import MeterstreamError
 from sinks.clickhouse.connection import ClickHouse
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,18 @@ def _render(statement: str, ch: ClickHouse) -> str:
 
 def migrate(ch: ClickHouse) -> list[int]:
     """Apply the migrations not applied yet, in order; returns the versions applied now. Safe to run
-    from several processes at once: every statement is idempotent."""
+    from several processes at once: every statement is idempotent. A read-only user (the query service's in
+    docker-compose.yml) applies none: it checks that every one is applied, SchemaNotApplied if not."""
     client = ch.client()
+    if ch.read_only:
+        missing = [m.version for m in MIGRATIONS if m.version not in _applied(ch)]
+        if missing:
+            raise SchemaNotApplied(
+                f"ClickHouse database {ch.database} lacks migrations {missing}, and user "
+                f"{ch.settings.username or 'default'} may only read: apply them with `meterstream migrate` "
+                "as a user that may write (docker-compose.yml: the init-schema service)"
+            )
+        return []
     client.command(_render(_MIGRATIONS_TABLE, ch))
     done = {row[0] for row in client.query(f"SELECT version FROM `{ch.database}`.meterstream_migrations").result_rows}
     applied = []
@@ -140,3 +151,20 @@ def migrate(ch: ClickHouse) -> list[int]:
         log.info("clickhouse: applied migration %d (%s)", migration.version, migration.description)
         applied.append(migration.version)
     return applied
+
+
+class SchemaNotApplied(MeterstreamError):
+    """The ClickHouse schema lacks migrations, and this user may not apply them."""
+
+
+def _applied(ch: ClickHouse) -> set[int]:
+    """The versions applied, without writing anything (none without the migrations table)."""
+    client = ch.client()
+    tables = client.query(
+        "SELECT count() FROM system.tables WHERE database = {db:String} AND name = 'meterstream_migrations'",
+        parameters={"db": ch.database},
+    )
+    if not tables.result_rows[0][0]:
+        return set()
+    rows = client.query(f"SELECT version FROM `{ch.database}`.meterstream_migrations").result_rows
+    return {int(row[0]) for row in rows}

@@ -27,7 +27,7 @@ PUBLIC, READ, INGEST, ADMIN, PORTAL, OWN = "public", "read", "ingest", "admin", 
 NEEDS: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
-    ("GET", "/api/v1/openapi.yaml"): PUBLIC,
+    ("GET", "/api/v1/openapi.yaml"): READ,
     ("POST", "/api/v1/events"): INGEST,
     ("GET", "/api/v1/events"): READ,
     ("GET", "/api/v1/meters"): READ,
@@ -109,7 +109,11 @@ def concrete(path: str) -> str:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     # The walk presents bad keys hundreds of times from one address: the failed-authentication limit (tested
     # below, on a stack of its own) is off here.
-    env = {"METERSTREAM_LOCAL_AUTH__ENABLED": "true", "METERSTREAM_LOCAL_AUTH__FAILED_AUTH_PER_MINUTE": "0"}
+    env = {
+        "METERSTREAM_LOCAL_AUTH__ENABLED": "true",
+        "METERSTREAM_LOCAL_AUTH__FAILED_AUTH_PER_MINUTE": "0",
+        "METERSTREAM_LOCAL_AUTH__CORS_ORIGINS": '["https://app.example"]',
+    }
     stack = LocalStack(tmp_path_factory.mktemp("access") / "data", env=env)
     stack.start()
     yield stack
@@ -151,7 +155,8 @@ def call(url: str, method: str, path: str, credential: str | None, **kw: Any) ->
 
 
 def test_every_route_of_the_document_with_every_credential(stack: LocalStack, creds: dict[str, str | None]) -> None:
-    document = yaml.safe_load(httpx.get(f"{stack.url}/api/v1/openapi.yaml", timeout=30).text)
+    admin = {"Authorization": f"Bearer {creds['admin']}"}
+    document = yaml.safe_load(httpx.get(f"{stack.url}/api/v1/openapi.yaml", headers=admin, timeout=30).text)
     documented = {(m.upper(), shape(p)) for p, ops in document["paths"].items() for m in ops if m != "parameters"}
     assert documented - NEEDS.keys() == set(), "routes without an entry in NEEDS"
     time.sleep(1.1)  # past the revoked key's cache horizon
@@ -234,6 +239,21 @@ def test_a_portal_token_sees_only_its_own_subject(stack: LocalStack, creds: dict
         httpx.get(f"{stack.url}/api/v1/portal/meters/tokens_total/query", headers=limited, timeout=30).status_code
         == 403
     )
+
+
+def test_cors_answers_configured_origins_only(stack: LocalStack, creds: dict[str, str | None]) -> None:
+    url = f"{stack.url}/api/v1/portal/meters/tokens_total/query"
+    ask = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}
+    preflight = httpx.options(url, headers={"Origin": "https://app.example", **ask}, timeout=30)
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    other = httpx.options(url, headers={"Origin": "https://elsewhere.example", **ask}, timeout=30)
+    assert "access-control-allow-origin" not in other.headers
+    portal = {"Authorization": f"Bearer {creds['portal']}", "Origin": "https://app.example"}
+    answer = httpx.get(url, headers=portal, timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_expired_and_invalidated_portal_tokens_are_refused(stack: LocalStack, creds: dict[str, str | None]) -> None:

@@ -6,11 +6,13 @@ exactly the environment compose gives it, with values that agree across services
 included: it must reach the compose PostgreSQL, ingest's too, for the API keys); every API service checks
 keys, with the bootstrap admin key given; ports are bound to 127.0.0.1, the processor's unauthenticated
 metrics to the container's loopback; dependencies wait for health, images are pinned; the image holds every
-package; the Grafana dashboard's SQL runs on ClickHouse against the real schema.
+package; the Grafana dashboard's SQL runs on ClickHouse against the real schema; the query service reads
+ClickHouse as a read-only user whose profile bounds every query, and starts as one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -34,8 +37,10 @@ from pydantic_settings import BaseSettings
 
 from meterstream.cli import _parser
 from schemas.settings import ClickHouseSettings, IngestSettings, ProcessorSettings, QuerySettings, SinkSettings
+from sinks.clickhouse import connection
 from sinks.clickhouse.connection import ClickHouse
-from sinks.clickhouse.schema import migrate
+from sinks.clickhouse.reader import MeterReader
+from sinks.clickhouse.schema import MIGRATIONS, SchemaNotApplied, migrate
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +49,9 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "meterstream-usage.json"
+#: The query service's read-only ClickHouse user (mounted into the clickhouse service's users.d).
+READER = ROOT / "deploy" / "clickhouse" / "users.d" / "meterstream-reader.xml"
+READER_USER = "meterstream_reader"
 
 #: The settings class each subcommand reads (see meterstream/cli.py).
 SETTINGS: dict[str, type[BaseSettings]] = {
@@ -70,6 +78,7 @@ HEALTH_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 SECRETS: dict[str, str] = {
     "METERSTREAM_ADMIN_KEY": "test-admin-key-0f4c2a9d7e1b3c5a8f6e2d4b1a3c5e7f",
     "CLICKHOUSE_PASSWORD": "test-clickhouse-password",
+    "CLICKHOUSE_READER_PASSWORD": "test-clickhouse-reader-password",
     "POSTGRES_PASSWORD": "test-postgres-password",
     "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
 }
@@ -320,9 +329,15 @@ def test_settings_point_at_the_compose_kafka_and_clickhouse(
         if "clickhouse" in uses:
             ch: ClickHouseSettings = s.clickhouse
             assert ch.dsn == "http://clickhouse:8123", name
-            assert ch.username == clickhouse["CLICKHOUSE_USER"], name
+            # The query service reads as the read-only user (its test below); the others write.
+            user, password = (
+                (READER_USER, clickhouse["CLICKHOUSE_READER_PASSWORD"])
+                if command(services[name])[0] == "query"
+                else (clickhouse["CLICKHOUSE_USER"], clickhouse["CLICKHOUSE_PASSWORD"])
+            )
+            assert ch.username == user, name
             assert ch.password is not None, name
-            assert ch.password.get_secret_value() == clickhouse["CLICKHOUSE_PASSWORD"], name
+            assert ch.password.get_secret_value() == password, name
             assert ch.database == "meterstream", name
             assert ch.cluster == "", name
 
@@ -492,6 +507,134 @@ def test_the_control_plane_reaches_the_compose_postgres(
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
         with_dsn.add(name)
     assert {"ingest", "sink", "query", "init-schema"} <= with_dsn
+
+
+# -- ClickHouse: the query service's read-only user ---------------------------------------------------------------
+
+#: What the reader's settings profile must hold: read-only (2: the service sends its limits, and readonly=2,
+#: with every query, which readonly=1 refuses) and the limits of ClickHouseSettings.read_max_*.
+READER_PROFILE = {
+    "readonly": "2",
+    "max_execution_time": "30",
+    "max_memory_usage": "4294967296",
+    "max_result_rows": "1000000",
+    "result_overflow_mode": "throw",
+}
+
+
+def _reader_config() -> tuple[ET.Element, ET.Element]:
+    """(user, settings profile) of deploy/clickhouse/users.d/meterstream-reader.xml."""
+    root = ET.fromstring(READER.read_text())
+    assert root.tag == "clickhouse", "ClickHouse merges users.d files under <clickhouse>"
+    user = root.find(f"users/{READER_USER}")
+    assert user is not None, f"no user {READER_USER}"
+    profile_name = (user.findtext("profile") or "").strip()
+    profile = root.find(f"profiles/{profile_name}")
+    assert profile is not None, f"{READER_USER}'s profile {profile_name!r} is not defined in the same file"
+    return user, profile
+
+
+def test_the_reader_user_is_read_only_and_bounded() -> None:
+    user, profile = _reader_config()
+    password = user.find("password")
+    assert password is not None
+    assert password.attrib == {"from_env": "CLICKHOUSE_READER_PASSWORD"}, "the password comes from the environment"
+    assert not (password.text or "").strip(), "no password in the file"
+    assert not {"password_sha256_hex", "password_double_sha1_hex", "no_password"} & {c.tag for c in user}
+    assert (user.findtext("access_management") or "0").strip() == "0"
+    values = {child.tag: (child.text or "").strip() for child in profile if child.tag != "constraints"}
+    assert {key: values.get(key) for key in READER_PROFILE} == READER_PROFILE
+    # The same limits the query service sends with every query, or the server's refuse them.
+    defaults = ClickHouseSettings()
+    assert int(values["max_execution_time"]) == defaults.read_max_execution_s
+    assert int(values["max_memory_usage"]) == defaults.read_max_memory_bytes
+    assert int(values["max_result_rows"]) == defaults.read_max_result_rows
+    # readonly=2 lets a query change its settings: constraints keep every limit in (0, the profile's value],
+    # 0 being no limit, and the overflow mode fixed.
+    constraints = profile.find("constraints")
+    assert constraints is not None
+    for name in ("max_execution_time", "max_memory_usage", "max_result_rows"):
+        constraint = constraints.find(name)
+        assert constraint is not None, name
+        assert int(constraint.findtext("min") or 0) >= 1, name
+        assert (constraint.findtext("max") or "").strip() == values[name], name
+    overflow = constraints.find("result_overflow_mode")
+    assert overflow is not None
+    assert overflow.find("const") is not None or overflow.find("readonly") is not None
+
+
+def test_clickhouse_mounts_the_reader_user_and_gets_its_password(services: dict[str, dict[str, Any]]) -> None:
+    clickhouse = services["clickhouse"]
+    target = f"/etc/clickhouse-server/users.d/{READER.name}"
+    mounts = [v for v in clickhouse["volumes"] if _mount(v)[1] == target]
+    assert len(mounts) == 1, f"{READER.name} is not mounted at {target}"
+    (volume,) = mounts
+    source = Path(_mount(volume)[0])
+    assert (source if source.is_absolute() else ROOT / source).resolve() == READER
+    read_only = volume.get("read_only") if isinstance(volume, dict) else str(volume).split(":")[2:] == ["ro"]
+    assert read_only, f"{volume}: mount it read-only"
+    # A file, not users.d itself: the image's entrypoint writes the writer user's users.d/default-user.xml.
+    assert not any(_mount(v)[1].rstrip("/") == "/etc/clickhouse-server/users.d" for v in clickhouse["volumes"])
+    assert environment(clickhouse)["CLICKHOUSE_READER_PASSWORD"] == SECRETS["CLICKHOUSE_READER_PASSWORD"]
+    assert environment(clickhouse)["CLICKHOUSE_USER"] != READER_USER
+
+
+def test_the_query_service_reads_as_the_reader_and_the_writers_do_not(
+    services: dict[str, dict[str, Any]], settings: dict[str, Any]
+) -> None:
+    query: ClickHouseSettings = settings["query"].clickhouse
+    assert query.username == READER_USER
+    assert query.password is not None
+    assert query.password.get_secret_value() == SECRETS["CLICKHOUSE_READER_PASSWORD"]
+    # Its per-query limits are the profile's: readonly=2 refuses a change of readonly, the constraints higher
+    # limits.
+    _, profile = _reader_config()
+    limits = MeterReader(ClickHouse(query))._limits
+    assert limits is not None, "a ClickHouse server: the reads are bounded"
+    assert {key: str(value) for key, value in limits.items()} == {
+        key: (profile.findtext(key) or "").strip() for key in limits
+    }
+    for name in ("sink", "init-schema"):
+        writer: ClickHouseSettings = settings[name].clickhouse
+        assert writer.username == environment(services["clickhouse"])["CLICKHOUSE_USER"] != READER_USER, name
+        assert writer.password is not None
+        assert writer.password.get_secret_value() == SECRETS["CLICKHOUSE_PASSWORD"], name
+    # Grafana's datasource keeps the writer's credentials too.
+    assert environment(services["grafana"])["CLICKHOUSE_USER"] != READER_USER
+
+
+def test_a_read_only_user_starts_without_writing(
+    clickhouse_settings: ClickHouseSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The query service migrates at start (query_app): as a read-only user it must create nothing (ClickHouse
+    refuses even CREATE ... IF NOT EXISTS in readonly mode), only check that init-schema applied everything."""
+    writer = ClickHouse(clickhouse_settings)
+    assert int(writer.client().query("SELECT getSetting('readonly')").result_rows[0][0]) == 0
+    assert not writer.read_only
+    try:
+        monkeypatch.setattr(connection, "_read_only", lambda client, dsn: True)
+        versions = [m.version for m in MIGRATIONS]
+        reader = ClickHouse(clickhouse_settings)
+        with pytest.raises(SchemaNotApplied, match=re.escape(str(versions))):
+            migrate(reader)
+        assert reader.read_only
+        tables = "SELECT count() FROM system.tables WHERE database = {db:String}"
+        count = writer.client().query(tables, parameters={"db": writer.database}).result_rows[0][0]
+        assert count == 0, "the read-only start wrote to the schema"
+        # Nor does it create a missing database.
+        missing = ClickHouse(clickhouse_settings.model_copy(update={"database": f"{writer.database}_none"}))
+        with contextlib.suppress(Exception):
+            missing.client()
+        databases = "SELECT count() FROM system.databases WHERE name = {db:String}"
+        assert writer.client().query(databases, parameters={"db": missing.database}).result_rows[0][0] == 0
+
+        assert migrate(writer) == versions
+        count = writer.client().query(tables, parameters={"db": writer.database}).result_rows[0][0]
+        assert migrate(ClickHouse(clickhouse_settings)) == []
+        assert writer.client().query(tables, parameters={"db": writer.database}).result_rows[0][0] == count
+        MeterReader(ClickHouse(clickhouse_settings)).check()
+    finally:
+        writer.client().command(f"DROP DATABASE IF EXISTS `{writer.database}`")
 
 
 # -- Grafana ---------------------------------------------------------------------------------------------------
