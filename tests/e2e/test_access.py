@@ -338,14 +338,7 @@ def topology(tmp_path: Path) -> Iterator[MultiProcessStack]:
             + "_bootstrap-secret-of-the-deployment-0123456789",
         },
     )
-    try:
-        stack.start(processors=1)
-    except Exception:
-        print(stack.logs())
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
+    yield from stack.running()
 
 
 def test_a_revoked_key_stops_working_everywhere_within_a_second(topology: MultiProcessStack) -> None:

@@ -127,14 +127,7 @@ def test_postgres_away_for_30s_then_meterstream_killed_loses_nothing(local: Loca
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[MultiProcessStack]:
     stack = MultiProcessStack(tmp_path / "stack", control=True, extra_env={"METERSTREAM_SINK_DEFAULT_PLAN": "everyone"})
-    try:
-        stack.start(processors=1)
-    except Exception:
-        print(stack.logs())
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
+    yield from stack.running()
 
 
 def test_every_process_killed_mid_stream(topology: MultiProcessStack) -> None:

@@ -21,14 +21,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[MultiProcessStack]:
     stack = MultiProcessStack(tmp_path / "stack")
-    try:
-        stack.start(processors=1)
-    except Exception:
-        print(stack.logs())
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
+    yield from stack.running()
 
 
 def finish(stack: MultiProcessStack, load: Load) -> None:

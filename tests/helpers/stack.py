@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,17 @@ class MultiProcessStack:
     def logs(self) -> str:
         parts = [s.log()[-3000:] for s in [self.ingest, self.sink, *self.processors] if s is not None]
         return "\n-----\n".join(parts)
+
+    def running(self, processors: int = 1) -> Iterator[MultiProcessStack]:
+        """Start, hand the stack out, stop: a fixture's body (the logs are printed when it fails to start)."""
+        try:
+            self.start(processors=processors)
+        except Exception:
+            print(self.logs())
+            self.stop()
+            raise
+        yield self
+        self.stop()
 
     def stop(self) -> None:
         for service in [self.ingest, *self.processors, self.sink]:

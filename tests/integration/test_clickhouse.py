@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -24,14 +23,6 @@ pytestmark = pytest.mark.integration
 
 REQUESTS = find_meter("requests")
 assert REQUESTS is not None
-
-
-@pytest.fixture
-def ch(clickhouse_settings: ClickHouseSettings) -> Iterator[ClickHouse]:
-    ch = ClickHouse(clickhouse_settings)
-    migrate(ch)
-    yield ch
-    ch.client().command(f"DROP DATABASE IF EXISTS `{ch.database}`")
 
 
 def minutes(start: datetime, end: datetime) -> list[datetime]:

@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -23,11 +23,9 @@ from control.store import StoreUnavailable
 from schemas.meters import find_meter
 from schemas.problems import Problem
 from schemas.query import MeterQuery
-from schemas.settings import ClickHouseSettings
 from sinks.apply import Plan, Totals
 from sinks.clickhouse.connection import ClickHouse
 from sinks.clickhouse.reader import MeterReader
-from sinks.clickhouse.schema import migrate
 from sinks.clickhouse.store import WindowStore
 
 pytestmark = pytest.mark.integration
@@ -35,14 +33,6 @@ pytestmark = pytest.mark.integration
 TOKENS = find_meter("tokens_total")
 assert TOKENS is not None
 MINUTE = timedelta(minutes=1)
-
-
-@pytest.fixture
-def ch(clickhouse_settings: ClickHouseSettings) -> Iterator[ClickHouse]:
-    ch = ClickHouse(clickhouse_settings)
-    migrate(ch)
-    yield ch
-    ch.client().command(f"DROP DATABASE IF EXISTS `{ch.database}`")
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ status codes are exactly OpenMeter's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,23 +14,13 @@ from starlette.applications import Starlette
 from control.postgres.store import PostgresStore
 from control.routes import control_routes
 from control.service import ControlService
-from schemas.settings import ClickHouseSettings
 from sinks.clickhouse.connection import ClickHouse
 from sinks.clickhouse.reader import MeterReader
-from sinks.clickhouse.schema import migrate
 
 pytestmark = pytest.mark.integration
 
 METERED = {"type": "metered", "featureKey": "tokens", "usagePeriod": {"interval": "MONTH"}}
 GRANT = {"amount": 100, "effectiveAt": "2099-01-01T00:00:00Z", "expiration": {"duration": "MONTH", "count": 1}}
-
-
-@pytest.fixture
-def ch(clickhouse_settings: ClickHouseSettings) -> Iterator[ClickHouse]:
-    ch = ClickHouse(clickhouse_settings)
-    migrate(ch)
-    yield ch
-    ch.client().command(f"DROP DATABASE IF EXISTS `{ch.database}`")
 
 
 @pytest.fixture
