@@ -226,7 +226,7 @@ class FailedAuthLimiter:
     _failures: dict[str, list[float]] = field(default_factory=dict)
 
     def blocked_for(self, address: str, now: float | None = None) -> float:
-        if self.limit <= 0:
+        if self.limit <= 0 or address not in self._failures:
             return 0.0
         now = time.monotonic() if now is None else now
         recent = [t for t in self._failures.get(address, []) if now - t < self.window_s]

@@ -53,14 +53,19 @@ def _too_many(detail: str, wait_s: float) -> Response:
     return problem_response(Problem(429, detail, headers={"Retry-After": str(max(1, int(wait_s + 0.999)))}))
 
 
-def _guarded(endpoint: Callable[[Request], Any], path: str, access: Access) -> Callable[[Request], Any]:
+def _guarded(
+    endpoint: Callable[[Request], Any], path: str, methods: Sequence[str], access: Access
+) -> Callable[[Request], Any]:
     """``endpoint`` behind the check its route needs: 401 without or with a bad key, 403 with one that may
-    not do this; the key itself is never echoed."""
+    not do this; the key itself is never echoed. (On every request: kept to a few dictionary lookups when
+    the key was checked within the last second.)"""
     authenticator = access.authenticator
+    needs = {m: acl.need(m, path) for m in (*methods, "HEAD")}
+    metrics = path == "/metrics"
 
     async def guarded(request: Request) -> Response:
-        required = acl.need(request.method, path)
-        if path == "/metrics":
+        required = needs.get(request.method) or acl.need(request.method, path)
+        if metrics:
             open_ = access.metrics == "open" or (
                 access.metrics == "loopback" and acl.is_loopback(request.client.host if request.client else None)
             )
@@ -68,17 +73,18 @@ def _guarded(endpoint: Callable[[Request], Any], path: str, access: Access) -> C
         if authenticator is None or required is Need.PUBLIC:
             response: Response = await endpoint(request)
             return response
+        header = request.headers.get("authorization")
         address = request.client.host if request.client else "-"
         blocked = access.failures.blocked_for(address)
         # A blocked address (behind a gateway, many clients share one) still serves keys known good a
         # moment ago; only unknown ones are refused, without costing a lookup.
-        if blocked > 0 and not authenticator.known_good(request.headers.get("authorization")):
+        if blocked > 0 and not authenticator.known_good(header):
             return _too_many("too many failed authentications from this address; retry later", blocked)
         try:
-            principal = await authenticator.authenticate(request.headers.get("authorization"))
+            principal = await authenticator.authenticate(header)
             acl.check(principal, required, request.path_params.get("subject"))
         except Problem as problem:
-            if problem.status == 401 and request.headers.get("authorization"):
+            if problem.status == 401 and header:
                 access.failures.failed(address)  # a wrong guess; a request without a key guesses nothing
             return problem_response(problem)
         except StoreUnavailable as exc:
@@ -87,9 +93,9 @@ def _guarded(endpoint: Callable[[Request], Any], path: str, access: Access) -> C
         wait = access.rate.retry_after(principal.id)
         if wait > 0:
             return _too_many("this key's request rate limit is reached", wait)
-        request.state.principal_id = principal.id
-        request.state.portal_subject = principal.subject
-        request.state.portal_meters = principal.allowed_meter_slugs
+        if principal.is_portal:  # what the portal query needs to know (query/routes.py reads it)
+            request.state.portal_subject = principal.subject
+            request.state.portal_meters = principal.allowed_meter_slugs
         allowed: Response = await endpoint(request)
         return allowed
 
@@ -100,8 +106,8 @@ def _protect(routes: Sequence[BaseRoute], access: Access) -> list[BaseRoute]:
     out: list[BaseRoute] = []
     for route in routes:
         if isinstance(route, Route):
-            methods = sorted(route.methods - {"HEAD"}) if route.methods else None
-            out.append(Route(route.path, _guarded(route.endpoint, route.path, access), methods=methods))
+            methods = sorted(route.methods - {"HEAD"}) if route.methods else ["GET"]
+            out.append(Route(route.path, _guarded(route.endpoint, route.path, methods, access), methods=methods))
         else:
             out.append(route)
     return out
