@@ -178,6 +178,26 @@ class PgTx:
             raise Conflict(what) from None
         return cur.rowcount
 
+    async def _page(
+        self,
+        source: str,
+        where: Sequence[str],
+        params: Mapping[str, Any],
+        *,
+        order: str,
+        offset: int,
+        limit: int | None,
+    ) -> tuple[list[DictRow], int]:
+        """One page of ``source`` (a table or join, ``columns`` first) and how many rows match in all."""
+        columns, _, table = source.partition(" FROM ")
+        cond = " AND ".join(where)
+        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        rows = await self._all(
+            f"SELECT {columns} FROM {table} WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}", params
+        )
+        total = await self._one(f"SELECT count(*) AS n FROM {table} WHERE {cond}", params)
+        return rows, int(total["n"]) if total else 0
+
     async def lock_subject(self, subject_key: str) -> None:
         """Serialise this transaction with every other that locks the same subject (until it ends)."""
         await self._conn.execute(b"SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (subject_key,))
@@ -225,14 +245,9 @@ class PgTx:
             params["slugs"] = list(meter_slugs)
         if not include_archived:
             where.append("archived_at IS NULL")
-        cond = " AND ".join(where)
         order = f"{_FEATURE_ORDER[order_by]} {'DESC' if descending else 'ASC'}, id"
-        page = f" LIMIT {int(limit)}" if limit is not None else ""
-        rows = await self._all(
-            f"SELECT * FROM features WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}", params
-        )
-        total = await self._one(f"SELECT count(*) AS n FROM features WHERE {cond}", params)
-        return [_feature(r) for r in rows], int(total["n"]) if total else 0
+        rows, total = await self._page("* FROM features", where, params, order=order, offset=offset, limit=limit)
+        return [_feature(r) for r in rows], total
 
     async def archive_feature(self, feature_id: str, at: datetime) -> None:
         await self._conn.execute(
@@ -364,14 +379,9 @@ class PgTx:
         if types:
             where.append("type = ANY(%(t)s)")
             params["t"] = list(types)
-        cond = " AND ".join(where)
         order = f"{_ENTITLEMENT_ORDER[order_by]} {'DESC' if descending else 'ASC'}, id"
-        page = f" LIMIT {int(limit)}" if limit is not None else ""
-        rows = await self._all(
-            f"SELECT * FROM entitlements WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}", params
-        )
-        total = await self._one(f"SELECT count(*) AS n FROM entitlements WHERE {cond}", params)
-        return [_entitlement(r) for r in rows], int(total["n"]) if total else 0
+        rows, total = await self._page("* FROM entitlements", where, params, order=order, offset=offset, limit=limit)
+        return [_entitlement(r) for r in rows], total
 
     async def delete_entitlement(self, entitlement_id: str, at: datetime) -> None:
         await self._conn.execute(
@@ -441,18 +451,12 @@ class PgTx:
             params["s"] = list(subjects)
         if not include_voided:
             where.append("g.voided_at IS NULL AND e.deleted_at IS NULL")
-        cond = " AND ".join(where)
         order = f"g.{_GRANT_ORDER[order_by]} {'DESC' if descending else 'ASC'}, g.id"
-        page = f" LIMIT {int(limit)}" if limit is not None else ""
-        rows = await self._all(
-            "SELECT row_to_json(g.*) AS g, row_to_json(e.*) AS e FROM grants g JOIN entitlements e "
-            f"ON e.id = g.entitlement_id WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}",
-            params,
+        source = (
+            "row_to_json(g.*) AS g, row_to_json(e.*) AS e FROM grants g JOIN entitlements e ON e.id = g.entitlement_id"
         )
-        total = await self._one(
-            f"SELECT count(*) AS n FROM grants g JOIN entitlements e ON e.id = g.entitlement_id WHERE {cond}", params
-        )
-        return [(_grant(_typed(r["g"])), _entitlement(_typed(r["e"]))) for r in rows], int(total["n"]) if total else 0
+        rows, total = await self._page(source, where, params, order=order, offset=offset, limit=limit)
+        return [(_grant(_typed(r["g"])), _entitlement(_typed(r["e"]))) for r in rows], total
 
     async def void_grant(self, grant_id: str, at: datetime) -> None:
         await self._conn.execute(
