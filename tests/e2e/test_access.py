@@ -301,13 +301,13 @@ def test_repeated_failed_authentication_is_slowed_down(tmp_path: Path) -> None:
     stack = LocalStack(
         tmp_path / "data",
         env={"METERSTREAM_LOCAL_AUTH__ENABLED": "true", "METERSTREAM_LOCAL_AUTH__FAILED_AUTH_PER_MINUTE": "5",
-             "METERSTREAM_LOCAL_AUTH__RATE_LIMIT_PER_S": "5", "METERSTREAM_LOCAL_AUTH__RATE_LIMIT_BURST": "5"},
+             "METERSTREAM_LOCAL_AUTH__RATE_LIMIT_PER_S": "1", "METERSTREAM_LOCAL_AUTH__RATE_LIMIT_BURST": "3"},
     ).start()  # fmt: skip
     try:
         admin = (stack.data_dir / "admin.key").read_text().strip()
         burst = [call(stack.url, "GET", "/api/v1/meters", admin) for _ in range(12)]
         limited = [r for r in burst if r.status_code == 429]
-        assert limited, "the key's rate limit (5/s, burst 5) must refuse part of a burst of 12"
+        assert limited, "the key's rate limit (1/s, burst 3) must refuse part of a burst of 12"
         assert all(int(r.headers["retry-after"]) >= 1 for r in limited)
         assert burst[0].status_code == 200
         bad = "ms_read_01J5Z3T0E6G9K3J6V9K6Y3S8QH_" + "y" * 43

@@ -93,7 +93,9 @@ def test_postgres_away_for_30s_then_meterstream_killed_loses_nothing(local: Loca
         assert r.status_code == 503, r.text
         assert r.headers["content-type"] == "application/problem+json"
         assert int(r.headers["retry-after"]) > 0
-        assert time.monotonic() - started < 3.5, "a control request must fail fast while PostgreSQL is away"
+        assert time.monotonic() - started < 5, (
+            "a control request must fail fast while PostgreSQL is away (the pool waits 2 s)"
+        )
         write = httpx.post(f"{local.url}/api/v1/features", json={"key": "x", "name": "x"}, timeout=30)
         assert write.status_code == 503, write.text
         during.run(1)  # ingest keeps accepting (204), and usage queries keep answering
