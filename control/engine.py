@@ -102,7 +102,6 @@ class Balance:
     #: Grant amounts available in this period: what is left plus what the period's usage took from grants.
     total_available: Decimal
     last_reset: datetime
-    current_period: tuple[datetime, datetime]
     grant_balances: dict[str, Decimal]
     segments: list[Segment] = field(default_factory=list)
     #: Total balance and usage since the last reset, at each boundary asked for (after its events).
@@ -116,7 +115,6 @@ class Timeline:
     boundaries: tuple[datetime, ...]
     resets: tuple[Reset, ...]
     grants: tuple[Grant, ...]
-    period: RecurringPeriod
     #: When usage starts counting (the entitlement's measureUsageFrom, or the reset replay starts at).
     usage_start: datetime
     end: datetime
@@ -197,7 +195,7 @@ def timeline(
     replay_start, seeded = _replay_start(entitlement, live, manual, start=start, end=end, replay_by=replay_by)
     # Only the resets from where the replay starts are laid out (a long history of short periods is not
     # walked again for every value).
-    resets, period = resets_between(
+    resets, _ = resets_between(
         period_in_force(entitlement.usage_period, manual, replay_start),
         [r for r in manual if r.at > replay_start],
         replay_start,
@@ -221,7 +219,6 @@ def timeline(
         boundaries=boundaries,
         resets=tuple(r for r in resets if r.at >= replay_start),
         grants=tuple(sorted(live, key=burn_order)),
-        period=period,
         usage_start=replay_start,
         end=end,
         seeded=seeded,
@@ -305,7 +302,6 @@ def replay(line: Timeline, usages: Sequence[Decimal], record_segments: bool = Fa
         overage=overage,
         total_available=balance + period_taken,
         last_reset=last_reset,
-        current_period=line.period.containing(line.end),
         grant_balances=balances,
         segments=out_segments,
         balance_at=balance_at,

@@ -255,12 +255,6 @@ class PgTx:
             (at, at, feature_id),
         )
 
-    async def live_entitlements_of_feature(self, feature_id: str) -> int:
-        row = await self._one(
-            "SELECT count(*) AS n FROM entitlements WHERE feature_id = %s AND deleted_at IS NULL", (feature_id,)
-        )
-        return int(row["n"]) if row else 0
-
     # -- subjects --------------------------------------------------------------------------------------
 
     async def upsert_subject(self, s: Subject, fields: Sequence[str]) -> Subject:
