@@ -130,6 +130,7 @@ class ControlService:
 
     @staticmethod
     def now() -> datetime:
+        """The one clock of every rule (not the database's: asking it would cost a round trip each time)."""
         return datetime.now(UTC)
 
     # -- features --------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ class ControlService:
             await tx.lock_subject(subject_key)
             await self._apply_plan(tx, subject_key)
             feature = await self._metered_feature(tx, inp)
-            ent, grant = self._build_entitlement(subject_key, feature, inp, await tx.now())
+            ent, grant = self._build_entitlement(subject_key, feature, inp, self.now())
             await self._insert_entitlement(tx, ent, grant)
         return self._view(ent, [], ent.created_at)
 
@@ -376,7 +377,7 @@ class ControlService:
             feature = await self._metered_feature(tx, inp)
             if feature.key != old.feature_key:
                 raise bad("featureKey", "old and new entitlements belong to different features")
-            now = await tx.now()
+            now = self.now()
             await tx.delete_entitlement(old.id, now)
             ent, grant = self._build_entitlement(subject_key, feature, inp, now)
             await self._insert_entitlement(tx, ent, grant)
@@ -389,7 +390,7 @@ class ControlService:
         return EntitlementView(ent, _last_reset(ent, resets, now), current_period(ent, resets, now))
 
     async def _views(self, tx: ControlTx, ents: Sequence[Entitlement]) -> list[EntitlementView]:
-        now = await tx.now()
+        now = self.now()
         views = []
         for ent in ents:
             resets = await tx.resets_of(ent.id) if ent.type is EntitlementType.METERED else []
@@ -441,7 +442,7 @@ class ControlService:
             ent = await tx.entitlement(entitlement_id)
             if ent is None or ent.deleted_at is not None or ent.subject_key != subject_key:
                 raise not_found(f"entitlement {entitlement_id}")
-            await tx.delete_entitlement(ent.id, await tx.now())
+            await tx.delete_entitlement(ent.id, self.now())
 
     async def _live(self, tx: ControlTx, subject_key: str, ref: str) -> Entitlement:
         await self._apply_plan(tx, subject_key)
@@ -456,7 +457,7 @@ class ControlService:
             ent = await self._live(tx, subject_key, entitlement_id)
             if ent.type is not EntitlementType.METERED:
                 raise bad("entitlementId", f"expected entitlement type metered but got {ent.type.value}")
-            now = await tx.now()
+            now = self.now()
             raw_at = _utc(inp.effectiveAt) or now
             if raw_at > now:
                 raise bad("effectiveAt", f"cannot reset at {_iso(raw_at)} in the future")
@@ -481,7 +482,7 @@ class ControlService:
                 raise bad("entitlementIdOrFeatureKey", f"expected entitlement type metered but got {ent.type.value}")
             if inp.amount <= 0:
                 raise bad("amount", "amount must be positive")
-            now = await tx.now()
+            now = self.now()
             effective = truncate_minute(inp.effectiveAt)
             start = current_period(ent, await tx.resets_of(ent.id), now)[0]
             if effective < start:
@@ -550,7 +551,7 @@ class ControlService:
             await tx.lock_subject(ent.subject_key)
             if grant.voided_at is not None:
                 raise bad("grantId", "grant already voided")
-            now = await tx.now()
+            now = self.now()
             raw = at or now
             if raw > now:
                 raise bad("at", f"void time {_iso(raw)} must not be in the future")
@@ -572,10 +573,10 @@ class ControlService:
             feature = await tx.feature(ent.feature_id)
             assert feature is not None
             if ent.type is not EntitlementType.METERED:
-                return ent, feature, [], [], await tx.now()
+                return ent, feature, [], [], self.now()
             grants = await tx.grants_of([ent.id])
             resets = await tx.resets_of(ent.id)
-            return ent, feature, grants, resets, await tx.now()
+            return ent, feature, grants, resets, self.now()
 
     def _usage_query(
         self, subject_key: str, feature: Feature, meter: Meter, start: datetime, end: datetime
@@ -700,7 +701,7 @@ class ControlService:
                 seen.add(t.featureKey)
                 await self._metered_feature(tx, t, field)
                 templates.append(t.model_dump(mode="json", exclude_unset=True) | {"type": t.type})
-            now = await tx.now()
+            now = self.now()
             old = await tx.plan(key)
             if old is not None:
                 unchanged = (
@@ -743,7 +744,7 @@ class ControlService:
             plan = await tx.plan(key)
             if plan is None:
                 raise not_found(f"plan {key}")
-            await tx.delete_plan(plan.id, await tx.now())
+            await tx.delete_plan(plan.id, self.now())
 
     async def assign_plan(self, subject_key: str, plan_key: str) -> tuple[SubjectPlan, list[EntitlementView]]:
         """Put the subject on the plan (idempotent: safe to repeat on every login)."""
@@ -753,7 +754,7 @@ class ControlService:
             if plan is None:
                 raise Problem(404, f"plan {plan_key} not found", [FieldError("planKey", "no such plan")])
             current = await tx.subject_plan(subject_key)
-            now = await tx.now()
+            now = self.now()
             if (
                 current is None
                 or current.plan_key != plan.key
@@ -780,7 +781,7 @@ class ControlService:
             await tx.lock_subject(subject_key)
             if await tx.subject_plan(subject_key) is None:
                 raise not_found(f"plan of subject {subject_key}")
-            now = await tx.now()
+            now = self.now()
             for ent in await tx.subject_entitlements(subject_key, False):
                 if ent.plan_key is not None:
                     await tx.delete_entitlement(ent.id, now)
@@ -803,7 +804,7 @@ class ControlService:
         current = await tx.subject_plan(subject_key)  # again, under the lock
         if current is not None and current.plan_key == plan.key and current.plan_version == plan.version:
             return
-        now = await tx.now()
+        now = self.now()
         await self._sync(tx, subject_key, plan, now)
         is_default = current is None or current.is_default
         await tx.set_subject_plan(SubjectPlan(subject_key, plan.key, plan.version, now, is_default=is_default))

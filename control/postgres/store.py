@@ -202,12 +202,6 @@ class PgTx:
         """Serialise this transaction with every other that locks the same subject (until it ends)."""
         await self._conn.execute(b"SELECT pg_advisory_xact_lock(hashtextextended(%s, 7))", (subject_key,))
 
-    async def now(self) -> datetime:
-        row = await self._one("SELECT clock_timestamp() AS now")
-        assert row is not None
-        now: datetime = row["now"]
-        return now
-
     # -- features --------------------------------------------------------------------------------------
 
     async def insert_feature(self, f: Feature) -> None:
@@ -692,7 +686,3 @@ class PostgresStore:
             raise StoreUnavailable(f"PostgreSQL is not reachable (no connection within {self._timeout_s:g}s)") from exc
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"PostgreSQL is not reachable: {_first_line(exc)}") from exc
-
-    async def check(self) -> None:
-        async with self.tx() as tx:
-            await tx.now()
