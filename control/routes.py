@@ -38,7 +38,7 @@ from control.inputs import (
 )
 from control.keys import KeyService
 from control.service import ControlService, bad
-from control.store import Conflict, StoreUnavailable
+from control.store import Conflict, Listing, StoreUnavailable
 from schemas.problems import PROBLEM_JSON, Problem
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ class _Page:
         self.desc = _choice(request, "order", ("ASC", "DESC"), "ASC") == "DESC"
         self.order_by = _choice(request, "orderBy", order_by, default_order_by)
 
-    def listing(self) -> dict[str, Any]:
-        return {"order_by": self.order_by, "desc": self.desc, "offset": self.offset, "limit": self.limit}
+    def listing(self) -> Listing:
+        return Listing(self.order_by, self.desc, self.offset, self.limit)
 
     def answer(self, items: list[dict[str, Any]], total: int) -> Response:
         if self.paginated:
@@ -179,7 +179,7 @@ def control_routes(service: ControlService) -> list[Route]:
         features, total = await service.list_features(
             meter_slugs=_list(request, "meterSlug"),
             include_archived=_bool(request, "includeArchived"),
-            **page.listing(),
+            listing=page.listing(),
         )
         return page.answer([render.feature(f) for f in features], total)
 
@@ -219,7 +219,7 @@ def control_routes(service: ControlService) -> list[Route]:
             if t not in ("metered", "boolean", "static"):
                 raise bad("entitlementType", "must be metered, boolean or static")
         views, total = await service.list_entitlements(
-            features=_list(request, "feature"), subjects=_list(request, "subject"), types=types, **page.listing()
+            features=_list(request, "feature"), subjects=_list(request, "subject"), types=types, listing=page.listing()
         )
         return page.answer([render.entitlement(v) for v in views], total)
 
@@ -289,7 +289,7 @@ def control_routes(service: ControlService) -> list[Route]:
             features=_list(request, "feature"),
             subjects=_list(request, "subject"),
             include_voided=_bool(request, "includeDeleted"),
-            **page.listing(),
+            listing=page.listing(),
         )
         now = datetime.now(UTC)
         return page.answer([render.grant(g, now) for g, _ in rows], total)

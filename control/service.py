@@ -34,7 +34,7 @@ from control.inputs import (
 )
 from control.model import Entitlement, EntitlementType, Feature, Grant, Plan, Subject, SubjectPlan, UsageReset
 from control.periods import Interval, RecurringPeriod, truncate_minute
-from control.store import ControlStore, ControlTx
+from control.store import ControlStore, ControlTx, Listing
 from schemas.meters import GROUP_BY_KEYS, Meter, find_meter, stable_ulid
 from schemas.problems import FieldError, Problem
 from schemas.query import MeterQuery
@@ -180,19 +180,13 @@ class ControlService:
         *,
         meter_slugs: Sequence[str],
         include_archived: bool,
-        order_by: str,
-        desc: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[Feature], int]:
         async with self.store.tx() as tx:
             return await tx.features(
                 meter_slugs=meter_slugs,
                 include_archived=include_archived,
-                order_by=order_by,
-                descending=desc,
-                offset=offset,
-                limit=limit,
+                listing=listing,
             )
 
     async def delete_feature(self, id_or_key: str) -> None:
@@ -419,20 +413,14 @@ class ControlService:
         features: Sequence[str],
         subjects: Sequence[str],
         types: Sequence[str],
-        order_by: str,
-        desc: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[EntitlementView], int]:
         async with self.store.tx() as tx:
             ents, total = await tx.entitlements(
                 features=features,
                 subjects=subjects,
                 types=types,
-                order_by=order_by,
-                descending=desc,
-                offset=offset,
-                limit=limit,
+                listing=listing,
             )
             return await self._views(tx, ents), total
 
@@ -525,20 +513,14 @@ class ControlService:
         features: Sequence[str],
         subjects: Sequence[str],
         include_voided: bool,
-        order_by: str,
-        desc: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[tuple[Grant, Entitlement]], int]:
         async with self.store.tx() as tx:
             return await tx.grants(
                 features=features,
                 subjects=subjects,
                 include_voided=include_voided,
-                order_by=order_by,
-                descending=desc,
-                offset=offset,
-                limit=limit,
+                listing=listing,
             )
 
     async def void_grant(self, grant_id: str, at: datetime | None) -> None:

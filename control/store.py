@@ -9,9 +9,10 @@ from typing import Protocol
 
 from control.access import ApiKey, PortalToken
 from control.errors import Conflict, StoreUnavailable
+from control.listing import Listing
 from control.model import Entitlement, Feature, Grant, Plan, Subject, SubjectPlan, UsageReset
 
-__all__ = ["Conflict", "ControlStore", "ControlTx", "StoreUnavailable"]
+__all__ = ["Conflict", "ControlStore", "ControlTx", "Listing", "StoreUnavailable"]
 
 
 class ControlTx(Protocol):
@@ -27,10 +28,7 @@ class ControlTx(Protocol):
         *,
         meter_slugs: Sequence[str],
         include_archived: bool,
-        order_by: str,
-        descending: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[Feature], int]: ...
     async def archive_feature(self, feature_id: str, at: datetime) -> None: ...
 
@@ -49,10 +47,7 @@ class ControlTx(Protocol):
         features: Sequence[str],
         subjects: Sequence[str],
         types: Sequence[str],
-        order_by: str,
-        descending: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[Entitlement], int]: ...
     async def delete_entitlement(self, entitlement_id: str, at: datetime) -> None: ...
 
@@ -65,10 +60,7 @@ class ControlTx(Protocol):
         features: Sequence[str],
         subjects: Sequence[str],
         include_voided: bool,
-        order_by: str,
-        descending: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[tuple[Grant, Entitlement]], int]: ...
     async def void_grant(self, grant_id: str, at: datetime) -> None: ...
 

@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from control.access import ApiKey, PortalToken, scopes_of
+from control.listing import Listing
 from control.model import (
     Entitlement,
     EntitlementType,
@@ -42,8 +43,8 @@ from control.store import Conflict, StoreUnavailable
 log = logging.getLogger(__name__)
 
 _FEATURE_ORDER: Final = {"id": "id", "key": "key", "name": "name", "createdAt": "created_at", "updatedAt": "updated_at"}
-_ENTITLEMENT_ORDER: Final = {"createdAt": "created_at", "updatedAt": "updated_at"}
-_GRANT_ORDER: Final = {"id": "id", "createdAt": "created_at", "updatedAt": "updated_at"}
+_ENTITLEMENT_ORDER: Final = {"id": "id", "createdAt": "created_at", "updatedAt": "updated_at"}
+_GRANT_ORDER: Final = {"id": "g.id", "createdAt": "g.created_at", "updatedAt": "g.updated_at"}
 
 
 def apply_migrations(dsn: str, timeout_s: float = 10.0) -> list[int]:
@@ -183,17 +184,18 @@ class PgTx:
         source: str,
         where: Sequence[str],
         params: Mapping[str, Any],
-        *,
-        order: str,
-        offset: int,
-        limit: int | None,
+        columns: Mapping[str, str],
+        listing: Listing,
     ) -> tuple[list[DictRow], int]:
-        """One page of ``source`` (a table or join, ``columns`` first) and how many rows match in all."""
-        columns, _, table = source.partition(" FROM ")
+        """One page of ``source`` (what to select ``FROM`` a table or join) and how many rows match in all;
+        ``columns`` maps the API's names of the fields a list may be ordered by to their columns, ``id`` among
+        them (the tie-break, so pages do not overlap)."""
+        selected, _, table = source.partition(" FROM ")
         cond = " AND ".join(where)
-        page = f" LIMIT {int(limit)}" if limit is not None else ""
+        order = f"{columns[listing.order_by]} {'DESC' if listing.descending else 'ASC'}, {columns['id']}"
+        page = f" LIMIT {int(listing.limit)}" if listing.limit is not None else ""
         rows = await self._all(
-            f"SELECT {columns} FROM {table} WHERE {cond} ORDER BY {order} OFFSET {int(offset)}{page}", params
+            f"SELECT {selected} FROM {table} WHERE {cond} ORDER BY {order} OFFSET {int(listing.offset)}{page}", params
         )
         total = await self._one(f"SELECT count(*) AS n FROM {table} WHERE {cond}", params)
         return rows, int(total["n"]) if total else 0
@@ -228,10 +230,7 @@ class PgTx:
         *,
         meter_slugs: Sequence[str],
         include_archived: bool,
-        order_by: str,
-        descending: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[Feature], int]:
         where, params = ["TRUE"], {}
         if meter_slugs:
@@ -239,8 +238,7 @@ class PgTx:
             params["slugs"] = list(meter_slugs)
         if not include_archived:
             where.append("archived_at IS NULL")
-        order = f"{_FEATURE_ORDER[order_by]} {'DESC' if descending else 'ASC'}, id"
-        rows, total = await self._page("* FROM features", where, params, order=order, offset=offset, limit=limit)
+        rows, total = await self._page("* FROM features", where, params, _FEATURE_ORDER, listing)
         return [_feature(r) for r in rows], total
 
     async def archive_feature(self, feature_id: str, at: datetime) -> None:
@@ -352,10 +350,7 @@ class PgTx:
         features: Sequence[str],
         subjects: Sequence[str],
         types: Sequence[str],
-        order_by: str,
-        descending: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[Entitlement], int]:
         where, params = ["deleted_at IS NULL"], {}
         if features:
@@ -367,8 +362,7 @@ class PgTx:
         if types:
             where.append("type = ANY(%(t)s)")
             params["t"] = list(types)
-        order = f"{_ENTITLEMENT_ORDER[order_by]} {'DESC' if descending else 'ASC'}, id"
-        rows, total = await self._page("* FROM entitlements", where, params, order=order, offset=offset, limit=limit)
+        rows, total = await self._page("* FROM entitlements", where, params, _ENTITLEMENT_ORDER, listing)
         return [_entitlement(r) for r in rows], total
 
     async def delete_entitlement(self, entitlement_id: str, at: datetime) -> None:
@@ -425,10 +419,7 @@ class PgTx:
         features: Sequence[str],
         subjects: Sequence[str],
         include_voided: bool,
-        order_by: str,
-        descending: bool,
-        offset: int,
-        limit: int | None,
+        listing: Listing,
     ) -> tuple[list[tuple[Grant, Entitlement]], int]:
         where, params = ["TRUE"], {}
         if features:
@@ -439,11 +430,10 @@ class PgTx:
             params["s"] = list(subjects)
         if not include_voided:
             where.append("g.voided_at IS NULL AND e.deleted_at IS NULL")
-        order = f"g.{_GRANT_ORDER[order_by]} {'DESC' if descending else 'ASC'}, g.id"
         source = (
             "row_to_json(g.*) AS g, row_to_json(e.*) AS e FROM grants g JOIN entitlements e ON e.id = g.entitlement_id"
         )
-        rows, total = await self._page(source, where, params, order=order, offset=offset, limit=limit)
+        rows, total = await self._page(source, where, params, _GRANT_ORDER, listing)
         return [(_grant(_typed(r["g"])), _entitlement(_typed(r["e"]))) for r in rows], total
 
     async def void_grant(self, grant_id: str, at: datetime) -> None:
