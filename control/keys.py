@@ -8,15 +8,11 @@ from typing import Final
 
 from control.access import ApiKey, Issued, PortalToken, Scope, issue
 from control.store import ControlStore
-from schemas.problems import FieldError, Problem
+from schemas.problems import Problem, bad
 
 #: A portal token lives this long unless asked otherwise (and at most MAX_PORTAL_TTL).
 DEFAULT_PORTAL_TTL: Final = timedelta(hours=24)
 MAX_PORTAL_TTL: Final = timedelta(days=365)
-
-
-def _bad(field: str, message: str) -> Problem:
-    return Problem(400, f"{field}: {message}", [FieldError(field, message)])
 
 
 class KeyService:
@@ -26,11 +22,11 @@ class KeyService:
     async def create_key(self, name: str, scopes: Sequence[str]) -> tuple[ApiKey, str]:
         """A new key and its secret token (shown this once, never stored)."""
         if not scopes:
-            raise _bad("scopes", "at least one of admin, read, ingest")
+            raise bad("scopes", "at least one of admin, read, ingest")
         try:
             chosen = frozenset(Scope(s) for s in scopes)
         except ValueError:
-            raise _bad("scopes", f"unknown scope in {list(scopes)}; use admin, read or ingest") from None
+            raise bad("scopes", f"unknown scope in {list(scopes)}; use admin, read or ingest") from None
         kind = "admin" if Scope.ADMIN in chosen else "read" if Scope.READ in chosen else "ingest"
         issued: Issued = issue(kind)
         key = ApiKey(issued.id, name, chosen, issued.secret_sha256, datetime.now(UTC))
@@ -54,9 +50,9 @@ class KeyService:
         now = datetime.now(UTC)
         expires = expires_at or now + DEFAULT_PORTAL_TTL
         if expires <= now:
-            raise _bad("expiresAt", "must be in the future")
+            raise bad("expiresAt", "must be in the future")
         if expires - now > MAX_PORTAL_TTL:
-            raise _bad("expiresAt", "at most a year ahead")
+            raise bad("expiresAt", "at most a year ahead")
         issued = issue("portal")
         slugs = tuple(allowed_meter_slugs) if allowed_meter_slugs is not None else None
         token = PortalToken(issued.id, subject, slugs, issued.secret_sha256, now, expires)
@@ -70,7 +66,7 @@ class KeyService:
 
     async def invalidate_portal_tokens(self, token_id: str | None, subject: str | None) -> int:
         if token_id is None and subject is None:
-            raise _bad("id", "give the id of a token, or a subject (all its tokens)")
+            raise bad("id", "give the id of a token, or a subject (all its tokens)")
         async with self._store.tx() as tx:
             return await tx.invalidate_portal_tokens(token_id, subject, datetime.now(UTC))
 

@@ -37,9 +37,10 @@ from control.inputs import (
     parse_subjects,
 )
 from control.keys import KeyService
-from control.service import ControlService, bad
+from control.service import ControlService
 from control.store import Conflict, Listing, StoreUnavailable
-from schemas.problems import PROBLEM_JSON, Problem
+from schemas.problems import PROBLEM_JSON, Problem, bad
+from schemas.times import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,7 @@ def _time(request: Request, name: str) -> datetime | None:
     value = request.query_params.get(name)
     if value is None or value == "":
         return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise bad(name, f"{value!r} is not an RFC 3339 date-time (e.g. 2025-01-01T00:00:00Z)") from None
-    if parsed.tzinfo is None:
-        raise bad(name, f"{value!r} has no UTC offset; add Z or +hh:mm")
-    try:
-        return in_range(parsed).astimezone(UTC)
-    except ValueError as exc:
-        raise bad(name, str(exc)) from None
+    return parse_time(name, value, in_range)
 
 
 def _bool(request: Request, name: str, default: bool = False) -> bool:

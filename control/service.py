@@ -36,7 +36,7 @@ from control.model import Entitlement, EntitlementType, Feature, Grant, Plan, Su
 from control.periods import Interval, RecurringPeriod, truncate_minute
 from control.store import ControlStore, ControlTx, Listing
 from schemas.meters import GROUP_BY_KEYS, Meter, find_meter, stable_ulid
-from schemas.problems import FieldError, Problem
+from schemas.problems import FieldError, Problem, bad
 from schemas.query import MeterQuery
 
 ZERO = Decimal(0)
@@ -50,10 +50,6 @@ class UsageReader(Protocol):
     def segment_totals(self, query: MeterQuery, boundaries: Sequence[datetime]) -> list[Decimal]: ...
 
     def usage_subjects(self) -> list[tuple[str, datetime]]: ...
-
-
-def bad(field: str, message: str) -> Problem:
-    return Problem(400, f"{field}: {message}", [FieldError(field, message)])
 
 
 def not_found(what: str) -> Problem:

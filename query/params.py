@@ -10,36 +10,16 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from schemas.meters import GROUP_BY_KEYS, Meter
-from schemas.problems import FieldError, Problem
+from schemas.problems import bad
 from schemas.query import MeterQuery, WindowSize
+from schemas.times import parse_time
 
 MAX_LIST: Final = 100
 _OPERATORS: Final = ("$eq", "$ne", "$in", "$nin")
-
-
-def bad(field: str, message: str) -> Problem:
-    return Problem(400, f"{field}: {message}", [FieldError(field, message)])
-
-
-def parse_time(field: str, value: Any) -> datetime:
-    """An RFC 3339 date-time with an offset (``Z`` included), as a UTC datetime."""
-    if not isinstance(value, str):
-        raise bad(field, "must be an RFC 3339 date-time string")
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise bad(field, f"{value!r} is not an RFC 3339 date-time (e.g. 2025-01-01T00:00:00Z)") from None
-    if parsed.tzinfo is None:
-        raise bad(field, f"{value!r} has no UTC offset; add Z or +hh:mm")
-    try:
-        return parsed.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
-        raise bad(field, f"{value!r} is out of range") from None
 
 
 def parse_time_zone(value: Any) -> str:

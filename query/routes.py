@@ -15,12 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from query.params import bad, build_query, from_query_string, parse_time
+from query.params import build_query, from_query_string
 from query.render import rfc3339, to_csv, to_json, wants_csv
 from schemas.meters import METERS, find_meter
 from schemas.money import format_usd
-from schemas.problems import PROBLEM_JSON, Problem
+from schemas.problems import PROBLEM_JSON, Problem, bad
 from schemas.query import Difference, EventFilter, MeterQuery, QueryRow
+from schemas.times import parse_time
 
 log = logging.getLogger(__name__)
 

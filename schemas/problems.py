@@ -59,3 +59,8 @@ class Problem(MeterstreamError):
         if self.errors:
             body["errors"] = [e.to_dict() for e in self.errors]
         return body
+
+
+def bad(field: str, message: str) -> Problem:
+    """A 400 naming one field: ``field: message`` as the detail, and the field in ``errors``."""
+    return Problem(400, f"{field}: {message}", [FieldError(field, message)])
