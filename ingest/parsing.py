@@ -180,6 +180,12 @@ def _accept(
         if (why := check_event_time(time, now, policy.max_future)) is not None:
             errors.append(FieldError("time", why, where))
             continue
+        try:
+            # Text, not a tree: the processor passes it through to the audit log without parsing it.
+            data = orjson.dumps(event.data).decode()
+        except TypeError:  # the only value JSON parsing gives that orjson cannot write: an int past 64 bits
+            errors.append(FieldError("data", "numbers in data must fit in 64 bits; send larger ones as strings", where))
+            continue
         record: AcceptedEvent = {
             "id": event.id,
             "source": event.source,
@@ -187,8 +193,7 @@ def _accept(
             "type": event.type,
             "time_us": to_micros(time),
             "received_us": received_us,
-            # Text, not a tree: the processor passes it through to the audit log without parsing it.
-            "data": orjson.dumps(event.data).decode(),
+            "data": data,
         }
         if event.type == policy.usage_event_type:
             try:

@@ -209,3 +209,14 @@ def test_media_type() -> None:
     assert media_type("Application/JSON; charset=utf-8") == "application/json"
     with pytest.raises(Problem):
         media_type(None)
+
+
+def test_a_number_past_64_bits_in_data_is_a_400_naming_the_event() -> None:
+    """JSON allows any integer, the stored text does not (found by fuzzing: it was a 500)."""
+    big = b'{"n": -774356576505580486656}'
+    body = b"[" + orjson.dumps(event()) + b", " + orjson.dumps(event(id="evt-2", type="other"))[:-1]
+    body += b', "data": ' + big + b"}]"
+    problem = rejected(body, "application/cloudevents-batch+json")
+    assert problem.status == 400
+    assert [(e.field, e.index) for e in problem.errors] == [("data", 1)]
+    assert "64 bits" in problem.errors[0].message
