@@ -135,6 +135,10 @@ _PORTAL_READABLE: Final = frozenset(
 )
 
 
+#: Routes of reservations (and the estimate that sizes them), beside /api/v1/reservations/...
+_RESERVING: Final = frozenset({"/api/v1/subjects/{subject}/reservations", "/api/v1/estimate"})
+
+
 def need(method: str, path: str) -> Need:
     """The access ``method path`` (a route's path template) needs."""
     if path in _PUBLIC:
@@ -145,6 +149,8 @@ def need(method: str, path: str) -> Need:
         return Need.ADMIN
     if method == "POST" and path == "/api/v1/events":
         return Need.INGEST
+    if path.startswith("/api/v1/reservations/") or path in _RESERVING:
+        return Need.INGEST  # whoever records an app's usage may also reserve before its calls
     if (method, path) in _PORTAL_READABLE:
         return Need.PORTAL_OR_READ
     if method in ("GET", "HEAD"):

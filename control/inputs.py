@@ -297,3 +297,43 @@ class PortalTokenIn(_In):
 class InvalidateIn(_In):
     id: str | None = None
     subject: str | None = None
+
+
+PositiveAmount = Annotated[Decimal, Field(gt=0, allow_inf_nan=False, max_digits=60, decimal_places=18)]
+ReservationId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+
+
+class ReserveIn(_In):
+    """A reservation before a call: an estimate of its usage (upper bounds), the request itself (the server
+    bounds it), or amounts per feature; exactly one of them."""
+
+    id: ReservationId | None = None
+    provider: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    estimate: dict[str, Annotated[int, Field(ge=0, le=10**12)]] | None = None
+    request: dict[str, Any] | None = None
+    amounts: (
+        dict[str, Annotated[Decimal, Field(gt=0, allow_inf_nan=False, max_digits=60, decimal_places=18)]] | None
+    ) = None
+    ttlSeconds: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("estimate")
+    @classmethod
+    def _estimate(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is not None:
+            unknown = sorted(set(value) - {"input_tokens", "output_tokens"})
+            if unknown:
+                raise ValueError(f"an estimate gives input_tokens and output_tokens (upper bounds), not {unknown}")
+        return value
+
+
+class CommitIn(_In):
+    """What the call used: canonical counts or the provider's usage object, as ingest's ``data`` takes them."""
+
+    usage: dict[str, Any]
+
+
+class EstimateIn(_In):
+    provider: Annotated[str, Field(min_length=1, max_length=128)]
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    request: dict[str, Any]

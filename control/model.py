@@ -138,3 +138,51 @@ class SubjectPlan:
     assigned_at: datetime
     #: Applied because the subject had no plan (the configured default), not assigned explicitly.
     is_default: bool = False
+
+
+class ReservationStatus(StrEnum):
+    HELD = "held"
+    COMMITTED = "committed"
+    RELEASED = "released"
+    #: A hold whose time ran out before a commit or a release (a commit may still come and record usage).
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldLine:
+    """What one reservation holds on one entitlement."""
+
+    entitlement_id: str
+    feature_key: str
+    amount: Decimal
+    is_soft_limit: bool
+    #: Set at commit: the amount the call actually used on this entitlement (None if it cannot be priced).
+    actual: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    subject_key: str
+    status: ReservationStatus
+    provider: str | None
+    model: str | None
+    #: Digest of the reserve request, to tell a retry (same digest) from another use of the same id.
+    request_digest: str
+    #: The bound the hold was sized by: ``{"inputTokens", "outputTokens", "costUsd"}`` (None: amounts given).
+    estimate: Mapping[str, Any] | None
+    lines: tuple[HoldLine, ...]
+    created_at: datetime
+    expires_at: datetime
+    committed_at: datetime | None = None
+    released_at: datetime | None = None
+    #: The usage event a commit recorded (its id is the reservation's id) and a digest of the usage given.
+    event: Mapping[str, Any] | None = None
+    usage_digest: str | None = None
+    #: Where the broker acknowledged the event: it is in the windows once the sink applied that offset.
+    event_position: tuple[str, int, int] | None = None
+
+    def state_at(self, now: datetime) -> ReservationStatus:
+        if self.status is ReservationStatus.HELD and self.expires_at <= now:
+            return ReservationStatus.EXPIRED
+        return self.status

@@ -5,7 +5,7 @@ Amounts are written as the exact decimals they are (an ``orjson.Fragment``), nev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -14,9 +14,11 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from control.access import ApiKey, PortalToken
-from control.model import Entitlement, EntitlementType, Feature, Grant, Plan, Subject, SubjectPlan
+from control.holds import LineView
+from control.model import Entitlement, EntitlementType, Feature, Grant, Plan, Reservation, Subject, SubjectPlan
 from control.periods import RecurringPeriod
 from control.service import EntitlementView, History, Value
+from schemas.estimate import TokenBound
 from schemas.money import format_usd
 
 
@@ -152,6 +154,7 @@ def value(v: Value) -> dict[str, Any]:
         ("overage", v.overage),
         ("totalAvailableGrantAmount", v.total_available),
         ("unpricedRequests", v.unpriced_requests),
+        ("reserved", v.reserved),
     ):
         if amount is not None:
             body[key] = number(amount)
@@ -252,4 +255,77 @@ def portal_token(t: PortalToken, now: datetime, token: str | None = None) -> dic
     if t.allowed_meter_slugs is not None:
         body["allowedMeterSlugs"] = list(t.allowed_meter_slugs)
     _set(body, "token", token)
+    return body
+
+
+def reservation(r: Reservation, now: datetime, views: Sequence[LineView] | None = None) -> dict[str, Any]:
+    """A reservation; with ``views`` (a reserve's answer), also what is left on each feature."""
+    state = r.state_at(now)
+    by_ent = {v.line.entitlement_id: v for v in views or ()}
+    features = []
+    for ln in r.lines:
+        item: dict[str, Any] = {
+            "featureKey": ln.feature_key,
+            "entitlementId": ln.entitlement_id,
+            "amount": number(ln.amount),
+            "actual": number(ln.actual) if ln.actual is not None else None,
+            "isSoftLimit": ln.is_soft_limit,
+        }
+        view = by_ent.get(ln.entitlement_id)
+        if view is not None:
+            item["balance"] = number(view.balance) if view.balance is not None else None
+            item["overLimit"] = view.over_limit
+        features.append(item)
+    return {
+        "id": r.id,
+        "subject": r.subject_key,
+        "status": state.value,
+        "allowed": True,
+        "provider": r.provider,
+        "model": r.model,
+        "createdAt": iso(r.created_at),
+        "expiresAt": iso(r.expires_at),
+        "committedAt": iso(r.committed_at) if r.committed_at else None,
+        "releasedAt": iso(r.released_at) if r.released_at else None,
+        "estimate": _estimate(r.estimate),
+        "features": features,
+    }
+
+
+def denial(views: Sequence[LineView], fit: int | None) -> dict[str, Any]:
+    """The extension members of a 429 answer to a reserve."""
+    return {
+        "allowed": False,
+        "features": [
+            {
+                "featureKey": v.line.feature_key,
+                "entitlementId": v.line.entitlement_id,
+                "amount": number(v.line.amount),
+                "balance": number(v.balance) if v.balance is not None else None,
+                "isSoftLimit": v.line.is_soft_limit,
+                "overLimit": v.over_limit,
+                "fits": v.fits,
+            }
+            for v in views
+        ],
+        "fit": {"maxOutputTokens": fit} if fit is not None else None,
+    }
+
+
+def estimate(tokens: TokenBound, cost: Decimal | None) -> dict[str, Any]:
+    return {
+        "inputTokens": tokens.input_tokens,
+        "outputTokens": tokens.output_tokens,
+        "costUsd": number(cost) if cost is not None else None,
+        "notes": list(tokens.notes),
+    }
+
+
+def _estimate(e: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The bound a reservation was sized by (its cost stored as an exact decimal string), cost as a number."""
+    if e is None:
+        return None
+    body = dict(e)
+    if body.get("costUsd") is not None:
+        body["costUsd"] = number(Decimal(str(body["costUsd"])))
     return body

@@ -21,7 +21,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control import render
+from control.holds import LimitReached, ReservationService
 from control.inputs import (
+    CommitIn,
+    EstimateIn,
     FeatureIn,
     GrantIn,
     InvalidateIn,
@@ -29,6 +32,7 @@ from control.inputs import (
     PlanAssignmentIn,
     PlanIn,
     PortalTokenIn,
+    ReserveIn,
     ResetIn,
     decode,
     in_range,
@@ -419,6 +423,49 @@ def access_routes(keys: KeyService) -> list[Route]:
         ("/api/v1/portal/tokens", "GET", list_portal_tokens),
         ("/api/v1/portal/tokens", "POST", create_portal_token),
         ("/api/v1/portal/tokens/invalidate", "POST", invalidate_portal_tokens),
+    ]
+    by_path: dict[str, dict[str, Handler]] = {}
+    for path, method, handler in table:
+        by_path.setdefault(path, {})[method] = _guard(handler)
+    return [Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()]
+
+
+def reservation_routes(holds: ReservationService) -> list[Route]:
+    """Reservations (Meterstream's): reserve before a call, commit or release after it; and the estimate."""
+
+    async def reserve(request: Request) -> Response:
+        inp = parse(ReserveIn, await _body(request))
+        try:
+            outcome = await holds.reserve(request.path_params["subject"], inp)
+        except LimitReached as denied:
+            body = denied.to_dict() | render.denial(denied.lines, denied.fit)
+            return Response(orjson.dumps(body), status_code=429, media_type=PROBLEM_JSON, headers=denied.headers)
+        now = datetime.now(UTC)
+        return _json(render.reservation(outcome.reservation, now, outcome.lines), 201 if outcome.created else 200)
+
+    async def get_reservation(request: Request) -> Response:
+        r = await holds.get(request.path_params["reservationId"])
+        return _json(render.reservation(r, datetime.now(UTC)))
+
+    async def commit(request: Request) -> Response:
+        inp = parse(CommitIn, await _body(request))
+        r = await holds.commit(request.path_params["reservationId"], inp)
+        return _json(render.reservation(r, datetime.now(UTC)))
+
+    async def release(request: Request) -> Response:
+        r = await holds.release(request.path_params["reservationId"])
+        return _json(render.reservation(r, datetime.now(UTC)))
+
+    async def estimate(request: Request) -> Response:
+        tokens, cost = holds.estimate(parse(EstimateIn, await _body(request)))
+        return _json(render.estimate(tokens, cost))
+
+    table: list[tuple[str, str, Handler]] = [
+        ("/api/v1/subjects/{subject}/reservations", "POST", reserve),
+        ("/api/v1/reservations/{reservationId}", "GET", get_reservation),
+        ("/api/v1/reservations/{reservationId}/commit", "POST", commit),
+        ("/api/v1/reservations/{reservationId}/release", "POST", release),
+        ("/api/v1/estimate", "POST", estimate),
     ]
     by_path: dict[str, dict[str, Handler]] = {}
     for path, method, handler in table:

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 from ulid import ULID
 
-from control import engine
+from control import engine, sizing
 from control.inputs import (
     BooleanIn,
     FeatureIn,
@@ -32,7 +32,17 @@ from control.inputs import (
     SubjectIn,
     parse_entitlement,
 )
-from control.model import Entitlement, EntitlementType, Feature, Grant, Plan, Subject, SubjectPlan, UsageReset
+from control.model import (
+    Entitlement,
+    EntitlementType,
+    Feature,
+    Grant,
+    Plan,
+    Reservation,
+    Subject,
+    SubjectPlan,
+    UsageReset,
+)
 from control.periods import Interval, RecurringPeriod, truncate_minute
 from control.store import ControlStore, ControlTx, Listing
 from schemas.meters import GROUP_BY_KEYS, Meter, find_meter, stable_ulid
@@ -50,6 +60,10 @@ class UsageReader(Protocol):
     def segment_totals(self, query: MeterQuery, boundaries: Sequence[datetime]) -> list[Decimal]: ...
 
     def usage_subjects(self) -> list[tuple[str, datetime]]: ...
+
+    def applied_offsets(self) -> Mapping[tuple[str, int], int]:
+        """The last events-topic offset applied to the windows, per (topic id, partition)."""
+        ...
 
 
 def not_found(what: str) -> Problem:
@@ -90,6 +104,8 @@ class Value:
     config: str | None = None
     #: Cost features: calls in the period whose price is unknown (their cost is not in ``usage``).
     unpriced_requests: Decimal | None = None
+    #: Held by live reservations (already taken from ``balance``); Meterstream's addition.
+    reserved: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +135,18 @@ class EntitlementView:
 class ControlService:
     """The control plane's operations, each one transaction (plus usage reads outside it)."""
 
-    def __init__(self, store: ControlStore, usage: UsageReader, default_plan: str | None = None) -> None:
+    def __init__(
+        self,
+        store: ControlStore,
+        usage: UsageReader,
+        default_plan: str | None = None,
+        horizon: timedelta = timedelta(hours=1),
+    ) -> None:
         self.store = store
         self._usage = usage
         self._default_plan = default_plan
+        #: How far back a reservation's commit may still be missing from the windows (README "Reservations").
+        self.horizon = horizon
 
     @staticmethod
     def now() -> datetime:
@@ -348,7 +372,7 @@ class ControlService:
     async def create_entitlement(self, subject_key: str, inp: MeteredIn | StaticIn | BooleanIn) -> EntitlementView:
         async with self.store.tx() as tx:
             await tx.lock_subject(subject_key)
-            await self._apply_plan(tx, subject_key)
+            await self.apply_plan(tx, subject_key)
             feature = await self._metered_feature(tx, inp)
             ent, grant = self._build_entitlement(subject_key, feature, inp, self.now())
             await self._insert_entitlement(tx, ent, grant)
@@ -360,7 +384,7 @@ class ControlService:
         """End the live entitlement and start a new one in its place (its grants are not carried over)."""
         async with self.store.tx() as tx:
             await tx.lock_subject(subject_key)
-            await self._apply_plan(tx, subject_key)
+            await self.apply_plan(tx, subject_key)
             old = await tx.live_entitlement(subject_key, id_or_feature_key)
             if old is None or old.deleted_at is not None:
                 raise not_found(f"entitlement {id_or_feature_key} of subject {subject_key}")
@@ -389,7 +413,7 @@ class ControlService:
 
     async def subject_entitlements(self, subject_key: str, include_deleted: bool) -> list[EntitlementView]:
         async with self.store.tx() as tx:
-            await self._apply_plan(tx, subject_key)
+            await self.apply_plan(tx, subject_key)
             return await self._views(tx, await tx.subject_entitlements(subject_key, include_deleted))
 
     async def get_entitlement(self, subject_key: str | None, entitlement_id: str) -> EntitlementView:
@@ -429,7 +453,7 @@ class ControlService:
             await tx.delete_entitlement(ent.id, self.now())
 
     async def _live(self, tx: ControlTx, subject_key: str, ref: str) -> Entitlement:
-        await self._apply_plan(tx, subject_key)
+        await self.apply_plan(tx, subject_key)
         ent = await tx.live_entitlement(subject_key, ref)
         if ent is None or ent.deleted_at is not None:
             raise not_found(f"entitlement {ref} of subject {subject_key}")
@@ -542,27 +566,45 @@ class ControlService:
     # -- values and history ----------------------------------------------------------------------------
 
     async def _metered_state(
-        self, subject_key: str, ref: str
-    ) -> tuple[Entitlement, Feature, list[Grant], list[UsageReset], datetime]:
-        """The entitlement (by id or, beyond OpenMeter where it takes ids only, by feature key) and its
-        grants and resets, read in one transaction."""
+        self, subject_key: str, ref: str, with_reservations: bool = False
+    ) -> tuple[Entitlement, Feature, list[Grant], list[UsageReset], datetime, list[Reservation]]:
+        """The entitlement (by id or, beyond OpenMeter where it takes ids only, by feature key), its grants
+        and resets, and (if asked) the subject's open reservations on it, read in one transaction."""
         async with self.store.tx() as tx:
             ent = await self._live(tx, subject_key, ref)
             feature = await tx.feature(ent.feature_id)
             assert feature is not None
+            now = self.now()
             if ent.type is not EntitlementType.METERED:
-                return ent, feature, [], [], self.now()
+                return ent, feature, [], [], now, []
             grants = await tx.grants_of([ent.id])
             resets = await tx.resets_of(ent.id)
-            return ent, feature, grants, resets, self.now()
+            open_ = await tx.open_reservations(ent.subject_key, now, now - self.horizon) if with_reservations else []
+            return (
+                ent,
+                feature,
+                grants,
+                resets,
+                now,
+                [r for r in open_ if any(ln.entitlement_id == ent.id for ln in r.lines)],
+            )
 
-    def _usage_query(
-        self, subject_key: str, feature: Feature, meter: Meter, start: datetime, end: datetime
+    @property
+    def default_plan(self) -> str | None:
+        return self._default_plan
+
+    @property
+    def usage(self) -> UsageReader:
+        return self._usage
+
+    def usage_query(
+        self, subject_key: str, feature: Feature, meter: Meter, start: datetime, end: datetime | None
     ) -> MeterQuery:
+        """The query API's query for a feature's usage of one subject over ``[start, end)``."""
         include = {"subject": (subject_key,), **{k: (v,) for k, v in feature.filters.items()}}
         return MeterQuery(meter=meter, start=start, end=end, include=include)
 
-    async def _replay(
+    async def replay(
         self,
         ent: Entitlement,
         feature: Feature,
@@ -582,12 +624,14 @@ class ControlService:
         )
         usages: list[Decimal] = []
         if len(line.boundaries) > 1:
-            query = self._usage_query(ent.subject_key, feature, meter, line.boundaries[0], line.end)
+            query = self.usage_query(ent.subject_key, feature, meter, line.boundaries[0], line.end)
             usages = await asyncio.to_thread(self._usage.segment_totals, query, line.boundaries[1:-1])
         return await asyncio.to_thread(engine.replay, line, usages, record), line
 
     async def value(self, subject_key: str, ref: str, at: datetime | None) -> Value:
-        ent, feature, grants, resets, now = await self._metered_state(subject_key, ref)
+        ent, feature, grants, resets, now, reservations = await self._metered_state(
+            subject_key, ref, with_reservations=at is None
+        )
         if ent.type is EntitlementType.BOOLEAN:
             return Value(has_access=True)
         if ent.type is EntitlementType.STATIC:
@@ -604,21 +648,29 @@ class ControlService:
                 total_available=ZERO,
                 unpriced_requests=ZERO if money else None,  # a cost feature always reports it
             )
-        balance, _ = await self._replay(ent, feature, grants, resets, t)
+        # Read before the usage, so a commit applied by then is in it (control/sizing.py, outstanding).
+        applied = await asyncio.to_thread(self._usage.applied_offsets) if reservations else {}
+        balance, _ = await self.replay(ent, feature, grants, resets, t)
+        out = sizing.outstanding(ent.id, reservations, applied, balance.last_reset, t)
         unpriced = None
         meter = find_meter(feature.meter_slug or "")
         if meter is not None and meter.is_money:
             unpriced_meter = find_meter("unpriced_requests")
             assert unpriced_meter is not None
-            query = self._usage_query(ent.subject_key, feature, unpriced_meter, balance.last_reset, t)
+            query = self.usage_query(ent.subject_key, feature, unpriced_meter, balance.last_reset, t)
             unpriced = (await asyncio.to_thread(self._usage.segment_totals, query, []))[0]
+        # Committed usage not in the windows yet counts as usage (beyond the grants: as overage); holds only
+        # take from what is left.
+        after_pending = balance.balance - out.pending
+        left = max(ZERO, max(ZERO, after_pending) - out.held)
         return Value(
-            has_access=engine.has_access(ent, balance),
-            balance=balance.balance,
-            usage=balance.usage,
-            overage=balance.overage,
+            has_access=engine.has_access(ent, replace(balance, balance=left)),
+            balance=left,
+            usage=balance.usage + out.pending,
+            overage=balance.overage + max(ZERO, -after_pending),
             total_available=balance.total_available,
             unpriced_requests=unpriced,
+            reserved=out.held,
         )
 
     async def history(
@@ -631,7 +683,7 @@ class ControlService:
         window_size: str,
         time_zone: str,
     ) -> History:
-        ent, feature, grants, resets, now = await self._metered_state(subject_key, entitlement_id)
+        ent, feature, grants, resets, now, _ = await self._metered_state(subject_key, entitlement_id)
         if ent.type is not EntitlementType.METERED:
             raise bad("entitlementId", f"expected entitlement type metered but got {ent.type.value}")
         assert ent.measure_usage_from is not None
@@ -647,7 +699,7 @@ class ControlService:
                 "windowSize", f"{len(windows)} windows; at most 10000 (choose a larger window or a shorter range)"
             )
         cuts = [w for w, _ in windows] + [frm]
-        balance, line = await self._replay(ent, feature, grants, resets, to, extra=cuts, record=True)
+        balance, line = await self.replay(ent, feature, grants, resets, to, extra=cuts, record=True)
         out = []
         segments = [s for s in balance.segments if s.end > frm]
         for w_start, w_end in windows:
@@ -747,7 +799,7 @@ class ControlService:
 
     async def subject_plan(self, subject_key: str) -> SubjectPlan:
         async with self.store.tx() as tx:
-            await self._apply_plan(tx, subject_key)
+            await self.apply_plan(tx, subject_key)
             assignment = await tx.subject_plan(subject_key)
         if assignment is None:
             raise not_found(f"plan of subject {subject_key}")
@@ -765,7 +817,7 @@ class ControlService:
                     await tx.delete_entitlement(ent.id, now)
             await tx.clear_subject_plan(subject_key)
 
-    async def _apply_plan(self, tx: ControlTx, subject_key: str) -> None:
+    async def apply_plan(self, tx: ControlTx, subject_key: str) -> None:
         """Bring the subject's plan entitlements up to date: the default plan for a subject without one, the
         current version of the plan it is on. Cheap when nothing changed (one read); otherwise it takes the
         subject's lock, so concurrent first requests of a new subject make its entitlements once."""

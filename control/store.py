@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from decimal import Decimal
+from typing import Any, Protocol
 
 from control.access import ApiKey, PortalToken
 from control.errors import Conflict, StoreUnavailable
 from control.listing import Listing
-from control.model import Entitlement, Feature, Grant, Plan, Subject, SubjectPlan, UsageReset
+from control.model import Entitlement, Feature, Grant, Plan, Reservation, Subject, SubjectPlan, UsageReset
 
 __all__ = ["Conflict", "ControlStore", "ControlTx", "Listing", "StoreUnavailable"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveState:
+    """What a reserve decides on, read at once under the subject's lock (``ControlTx.reserve_state``)."""
+
+    subject_plan: SubjectPlan | None
+    #: The plan the subject should be on (its assigned one, else the default), if it exists.
+    wanted_plan: Plan | None
+    #: The subject's live metered entitlements, their features (by id), grants and resets (by entitlement).
+    entitlements: list[Entitlement]
+    features: Mapping[str, Feature]
+    grants: Mapping[str, list[Grant]]
+    resets: Mapping[str, list[UsageReset]]
+    #: Live holds and commits whose usage may not be in the windows yet.
+    reservations: list[Reservation]
+    #: The reservation with the id asked for, if there is one already.
+    existing: Reservation | None
 
 
 class ControlTx(Protocol):
@@ -74,6 +94,38 @@ class ControlTx(Protocol):
     async def subject_plan(self, subject_key: str) -> SubjectPlan | None: ...
     async def set_subject_plan(self, sp: SubjectPlan) -> None: ...
     async def clear_subject_plan(self, subject_key: str) -> None: ...
+
+    async def insert_reservation(self, r: Reservation) -> None: ...
+    async def reservation(self, reservation_id: str) -> Reservation | None: ...
+    async def open_reservations(
+        self,
+        subject_key: str,
+        now: datetime,
+        committed_since: datetime,
+        applied: Mapping[tuple[str, int], int] | None = None,
+    ) -> list[Reservation]: ...
+    async def expire_holds(self, now: datetime, limit: int = 1000) -> int: ...
+    async def reserve_state(
+        self,
+        subject_key: str,
+        *,
+        reservation_id: str,
+        now: datetime,
+        committed_since: datetime,
+        applied: Mapping[tuple[str, int], int],
+        default_plan: str | None,
+    ) -> ReserveState: ...
+    async def commit_reservation(
+        self,
+        reservation_id: str,
+        at: datetime,
+        event: Mapping[str, Any],
+        usage_digest: str,
+        actual: Mapping[str, Decimal | None],
+    ) -> None: ...
+    async def release_reservation(self, reservation_id: str, at: datetime) -> None: ...
+    async def mark_sent(self, reservation_id: str, position: tuple[str, int, int], at: datetime) -> None: ...
+    async def unsent_commits(self, committed_before: datetime, limit: int) -> list[Reservation]: ...
 
     async def insert_key(self, k: ApiKey) -> None: ...
     async def key(self, key_id: str) -> ApiKey | None: ...

@@ -16,7 +16,8 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from control.access import Authenticator, FailedAuthLimiter, RateLimiter
+from control.holds import ReservationService, UsageClock
 from control.keys import KeyService
 from control.postgres.store import PostgresStore
-from control.routes import access_routes, control_routes
+from control.routes import access_routes, control_routes, reservation_routes
 from control.service import ControlService
+from ingest.parsing import IngestPolicy
 from ingest.producer import EventProducer
 from ingest.routes import ingest_routes
 from ingest.service import IngestService
@@ -38,6 +41,7 @@ from meterstream.broker import reuse_or_start
 from meterstream.http import Access, Checks, build_app
 from meterstream.logs import configure_logging
 from meterstream.pgserver import EmbeddedPostgres
+from meterstream.reserving import IngestUsageEvents, PricerRates, ReaderClock, SinkClock, relaying
 from meterstream.runtime import tune_gc, tune_malloc
 from meterstream.topics import ensure_topics, topic_id
 from processors.app import Processor
@@ -54,6 +58,7 @@ from schemas.settings import (
     PostgresSettings,
     ProcessorSettings,
     QuerySettings,
+    ReservationSettings,
     SinkSettings,
     TopicSettings,
 )
@@ -96,12 +101,60 @@ def make_store(postgres: PostgresSettings) -> PostgresStore | None:
     return PostgresStore(postgres.dsn.get_secret_value(), max_size=postgres.pool_max, timeout_s=postgres.timeout_s)
 
 
-def make_control(store: PostgresStore | None, default_plan: str | None, reader: MeterReader) -> list[BaseRoute]:
-    """The control plane's routes (limits, keys, portal tokens) over PostgreSQL and the metered usage;
-    none without a store."""
+@dataclass(frozen=True, slots=True)
+class Control:
+    """The control plane of one process: its routes, and the reservations' relay (None: no reservations)."""
+
+    routes: list[BaseRoute]
+    holds: ReservationService | None = None
+
+
+def make_control(
+    store: PostgresStore | None,
+    default_plan: str | None,
+    reader: MeterReader,
+    reserving: tuple[IngestUsageEvents, Pricer, ReservationSettings, str, UsageClock] | None = None,
+) -> Control:
+    """The control plane's routes (limits, keys, portal tokens; reservations when the process can record
+    usage: ``reserving`` = how, its pricer, settings and usage event type) over PostgreSQL and the metered
+    usage; none without a store."""
     if store is None:
-        return []
-    return [*control_routes(ControlService(store, reader, default_plan)), *access_routes(KeyService(store))]
+        return Control([])
+    horizon = reserving[2].horizon if reserving is not None else ReservationSettings().horizon
+    control = ControlService(store, reader, default_plan, horizon)
+    routes: list[BaseRoute] = [*control_routes(control), *access_routes(KeyService(store))]
+    if reserving is None:
+        return Control(routes)
+    events, pricer, settings, event_type, clock = reserving
+    holds = ReservationService(
+        control=control,
+        events=events,
+        pricer=PricerRates(pricer),
+        clock=clock,
+        settings=settings,
+        usage_event_type=event_type,
+    )
+    return Control([*routes, *reservation_routes(holds)], holds)
+
+
+def make_usage_events(
+    kafka: KafkaSettings, topics: TopicSettings, usage_event_type: str
+) -> tuple[IngestUsageEvents, EventProducer]:
+    """The ingest path for reservations' commits in a process other than ingest (its own producer)."""
+    ensure_topics(kafka, topics)
+    defaults = IngestSettings.model_construct()
+    producer = EventProducer(kafka.to_librdkafka(), topics.events, defaults.produce_timeout_ms, defaults.linger_ms)
+    settings = defaults.model_copy(update={"kafka": kafka, "topics": topics, "usage_event_type": usage_event_type})
+    service = IngestService(settings, producer)
+    return IngestUsageEvents(service, _policy(settings), producer, topic_id(kafka, topics.events)), producer
+
+
+def _policy(settings: IngestSettings) -> IngestPolicy:
+    return IngestPolicy(
+        usage_event_type=settings.usage_event_type,
+        max_batch_events=settings.max_batch_events,
+        max_future=timedelta(seconds=settings.max_future_s),
+    )
 
 
 def make_access(auth: AuthSettings, store: PostgresStore | None, service: str) -> Access:
@@ -258,24 +311,33 @@ def sink_app(settings: SinkSettings) -> Starlette:
     thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
     store = make_store(settings.postgres)
-    control = make_control(store, settings.default_plan, reader)
+    producer = None
+    reserving = None
+    if store is not None:
+        events, producer = make_usage_events(settings.kafka, settings.topics, settings.usage_event_type)
+        pricer = make_pricer(settings.price_overrides)
+        clock = SinkClock(sink, reader)
+        reserving = (events, pricer, settings.reservations, settings.usage_event_type, clock)
+    control = make_control(store, settings.default_plan, reader, reserving)
     access = make_access(settings.auth, store, "sink")
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread.start()
         try:
-            async with _opened(store):
+            async with _opened(store), relaying(control.holds):
                 with _engine_memory_metrics(ch):
                     yield
         finally:
+            if producer is not None:
+                await asyncio.to_thread(producer.close)
             sink.stop()
             await asyncio.to_thread(thread.join)
             ch.close()
 
     routes = [
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
-        *control,
+        *control.routes,
     ]
     return build_app(routes, {"storage": reader.check, "sink": thread.is_alive}, lifespan, access)
 
@@ -293,17 +355,25 @@ def query_app(settings: QuerySettings) -> Starlette:
     migrate(ch)
     reader = MeterReader(ch)
     store = make_store(settings.postgres)
-    control = make_control(store, settings.default_plan, reader)
+    producer = None
+    reserving = None
+    if store is not None and settings.kafka is not None:
+        events, producer = make_usage_events(settings.kafka, settings.topics, settings.usage_event_type)
+        pricer = make_pricer(settings.price_overrides)
+        reserving = (events, pricer, settings.reservations, settings.usage_event_type, ReaderClock(reader))
+    control = make_control(store, settings.default_plan, reader, reserving)
     access = make_access(settings.auth, store, "query")
     routes = [
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
-        *control,
+        *control.routes,
     ]
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with _opened(store):
+        async with _opened(store), relaying(control.holds):
             yield
+        if producer is not None:
+            await asyncio.to_thread(producer.close)
         ch.close()
 
     return build_app(routes, {"storage": reader.check}, lifespan, access)
@@ -346,13 +416,21 @@ def local_app(local: LocalSettings) -> Starlette:
         postgres = postgres.model_copy(update={"dsn": SecretStr(embedded_pg.uri)})
     ch, sink, reader = _sink_parts(sink_settings)
     store = make_store(postgres)
-    control = make_control(store, local.default_plan, reader)
-    access = make_access(local.auth, store, "meterstream")
     processor = Processor(processor_settings, pricer, events_topic_id)
     producer = EventProducer(
         kafka.to_librdkafka(), topics.events, ingest_settings.produce_timeout_ms, ingest_settings.linger_ms
     )
     service = IngestService(ingest_settings, producer)
+    events = IngestUsageEvents(service, _policy(ingest_settings), producer, events_topic_id)
+    reserving = (
+        events,
+        make_pricer(processor_settings.price_overrides),
+        local.reservations,
+        ingest_settings.usage_event_type,
+        SinkClock(sink, reader),
+    )
+    control = make_control(store, local.default_plan, reader, reserving)
+    access = make_access(local.auth, store, "meterstream")
     sink_thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
     @asynccontextmanager
@@ -360,7 +438,7 @@ def local_app(local: LocalSettings) -> Starlette:
         sink_thread.start()
         await processor.start()
         try:
-            async with _opened(store):
+            async with _opened(store), relaying(control.holds):
                 if local.auth.enabled and store is not None:
                     await _local_admin_key(KeyService(store), data_dir / "admin.key")
                 log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
@@ -395,7 +473,7 @@ def local_app(local: LocalSettings) -> Starlette:
             ingest_settings.usage_event_type,
             make_quoter(make_pricer(processor_settings.price_overrides)),
         ),
-        *control,
+        *control.routes,
     ]
     readiness: Checks = {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}
     return build_app(routes, readiness, lifespan, access)

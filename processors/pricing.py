@@ -314,6 +314,34 @@ class Pricer:
             context=dict(context or {}),
         )
 
+    def bound_rates(
+        self, provider: str, model: str, when: datetime, context: Mapping[str, str] | None = None
+    ) -> tuple[Decimal, Decimal, Decimal] | None:
+        """The highest USD rates per input token, per output token and per request that any usage of this
+        call could be charged at ``when`` (every tier's price, cache writes as input); None when the model
+        has no price or a price in a unit this cannot bound. Charges per tool use (web searches) are not
+        included."""
+        resolved = self._resolve(provider, model, when, context or {})
+        if isinstance(resolved, str):
+            return None
+        per_input = per_output = per_request = Decimal(0)
+        for key, value in resolved.price.__dict__.items():
+            if value is None or key.startswith("_"):
+                continue
+            prices = [value.base, *(t.price for t in value.tiers)] if isinstance(value, TieredPrices) else [value]
+            top = max(Decimal(str(p)) for p in prices)
+            if key == "requests_kcount":
+                per_request = max(per_request, top / 1000)
+            elif key.endswith("_mtok") and key.startswith("output"):
+                per_output = max(per_output, top / 1_000_000)
+            elif key.endswith("_mtok"):
+                per_input = max(per_input, top / 1_000_000)
+            elif not key.endswith("_kcount"):
+                return None  # a unit without a known relation to tokens: not bounded, so not priced
+            # Other per-use charges (web_searches_kcount, ...) depend on what the model decides to do, not on
+            # the request's size: outside the bound (README, "Reservations", says so).
+        return per_input, per_output, per_request
+
     # -- resolution ---------------------------------------------------------------------------------------
 
     def _resolve(self, provider: str, model: str, when: datetime, context: Mapping[str, str]) -> _Resolved | str:

@@ -7,10 +7,11 @@ Every service has its own prefix (``METERSTREAM_INGEST_``, ``METERSTREAM_PROCESS
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.events import DEFAULT_USAGE_EVENT_TYPE
@@ -78,6 +79,34 @@ class PostgresSettings(BaseModel):
     pool_max: int = Field(default=8, ge=1, le=200)
     #: How long a request waits for a connection before answering 503 (PostgreSQL unreachable).
     timeout_s: float = Field(default=2.0, gt=0, le=60)
+
+
+class ReservationSettings(BaseModel):
+    """Holds before a call (README "Reservations")."""
+
+    #: How long a hold lasts when the reserve names no TTL, and the longest one may ask for.
+    default_ttl_s: int = Field(default=60, ge=1)
+    max_ttl_s: int = Field(default=3600, ge=1)
+    #: A dollar limit on a model without a known price: deny the call (fail closed) or let it through.
+    unpriced: Literal["deny", "allow"] = "deny"
+    #: Output tokens assumed for a request that sets no output limit (None: such a request cannot be
+    #: bounded and is refused with a 400 naming max_tokens). Only a true maximum keeps the bound exact.
+    default_max_output_tokens: int | None = Field(default=None, ge=1)
+    #: How long after a commit its usage may still be missing from a process's windows (the lag of the sink
+    #: that process reads, at most): older commits are taken to be in the windows.
+    visibility_horizon_s: int = Field(default=3600, ge=60)
+    #: CloudEvents ``source`` of the usage events commits record (their ``id`` is the reservation's).
+    event_source: str = Field(default="meterstream/reservations", min_length=1, max_length=256)
+
+    @property
+    def horizon(self) -> timedelta:
+        return timedelta(seconds=self.visibility_horizon_s)
+
+    @model_validator(mode="after")
+    def _ttls(self) -> ReservationSettings:
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError(f"default_ttl_s ({self.default_ttl_s}) is above max_ttl_s ({self.max_ttl_s})")
+        return self
 
 
 class AuthSettings(BaseModel):
@@ -197,6 +226,7 @@ class SinkSettings(_Service):
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
+    reservations: ReservationSettings = ReservationSettings()
     auth: AuthSettings = AuthSettings()
 
 
@@ -205,6 +235,9 @@ class QuerySettings(_Service):
 
     model_config = SettingsConfigDict(env_prefix="METERSTREAM_QUERY_", env_nested_delimiter="__")
 
+    #: The broker reservations' commits record usage through (None: this process serves no reservations).
+    kafka: KafkaSettings | None = None
+    topics: TopicSettings = TopicSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     host: str = "127.0.0.1"
     port: int = Field(default=8890, ge=0, le=65535)
@@ -212,6 +245,7 @@ class QuerySettings(_Service):
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
+    reservations: ReservationSettings = ReservationSettings()
     auth: AuthSettings = AuthSettings()
 
 
@@ -230,5 +264,6 @@ class LocalSettings(BaseSettings):
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
+    reservations: ReservationSettings = ReservationSettings()
     #: On by default here too: the first start makes an admin key and keeps it in ``<data dir>/admin.key``.
     auth: AuthSettings = AuthSettings()

@@ -13,6 +13,7 @@ import collections
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -55,6 +56,14 @@ class Store(Protocol):
     def write(self, plan: Plan, stored_at: datetime) -> None: ...
 
 
+#: Subjects are spread over this many write versions (Sink.usage_version).
+VERSION_BUCKETS = 4096
+
+
+def _bucket(subject: str) -> int:
+    return zlib.crc32(subject.encode()) % VERSION_BUCKETS
+
+
 class Sink:
     """Consumes the windows topic and applies it to the store. Run ``run()`` in a thread of its own."""
 
@@ -67,6 +76,10 @@ class Sink:
         self._stored = Bloom(settings.dedupe_capacity, 0.01)
         self._stored_count = 0
         self._applied: dict[Source, int] = {}
+        # What readers in this process may know of the writes (see usage_version), under one lock.
+        self._state_lock = threading.Lock()
+        self._versions = [0] * VERSION_BUCKETS
+        self._owns_all = False
         self._stop = threading.Event()
         self._generation = 0
         self._reload = True
@@ -95,6 +108,31 @@ class Sink:
     def applied_offset(self, topic_id: str, partition: int) -> int:
         """The last events-topic offset of a source partition applied by this sink (-1: none)."""
         return self._applied.get((topic_id, partition), -1)
+
+    def applied_offsets(self) -> dict[Source, int] | None:
+        """Every source partition's applied offset, as stored (at most a moment behind a write), when this
+        sink holds every windows partition and has loaded them; None when only the store can tell."""
+        with self._state_lock:
+            if self._reload or not self._owns_all:
+                return None
+            return dict(self._applied)
+
+    def usage_version(self, subject: str) -> tuple[int, int] | None:
+        """A token that changes whenever a write that may change ``subject``'s windows starts and ends:
+        equal tokens before and after a read of its windows mean no write touched them in between. None
+        while a write touching them is in flight, or when this sink cannot tell (it does not hold every
+        windows partition, or has not loaded its state). One version per bucket of subjects (bounded
+        memory): a write to another subject of the bucket changes it too, which only costs a re-read."""
+        with self._state_lock:
+            if self._reload or not self._owns_all:
+                return None
+            version = self._versions[_bucket(subject)]
+            return None if version % 2 else (self._generation, version)
+
+    def _bump(self, buckets: set[int]) -> None:
+        with self._state_lock:
+            for b in buckets:
+                self._versions[b] += 1
 
     def run(self) -> None:
         """Consume until ``stop()``. The batch in hand is then written, or, if storage is down, left
@@ -137,13 +175,17 @@ class Sink:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another sink may have advanced these partitions while they were not ours: reload the applied
         # offsets before the next batch (not here: a callback must not block on storage).
-        self._generation += 1
-        self._reload = True
+        with self._state_lock:
+            self._generation += 1
+            self._reload = True
+            self._owns_all = len({p.partition for p in partitions}) >= self._settings.topics.partitions
         log.info("sink: assigned windows partitions %s", sorted(p.partition for p in partitions))
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._generation += 1
+        with self._state_lock:
+            self._generation += 1
+            self._owns_all = False
 
     def _flush(self, batch: list[tuple[Message, WindowsRecord | None]]) -> None:
         records = [record for _, record in batch if record is not None]
@@ -153,13 +195,22 @@ class Sink:
             applied = self._retrying(self._store.applied_offsets)
             if applied is _GAVE_UP:
                 return
-            self._applied, self._reload = applied, False
+            with self._state_lock:
+                self._applied, self._reload = applied, False
         plan = self._retrying(lambda: plan_batch(records, self._applied, self._lookup))
         if plan is _GAVE_UP or generation != self._generation:
             return
         stored_at = datetime.now(UTC)
-        if self._retrying(lambda: self._store.write(plan, stored_at)) is _GAVE_UP:
-            return
+        # Odd versions while the write is in flight, new even ones after it (whatever its outcome).
+        touched = {_bucket(key[0]) for key in plan.windows}
+        self._bump(touched)
+        try:
+            if self._retrying(lambda: self._store.write(plan, stored_at)) is _GAVE_UP:
+                return
+            with self._state_lock:
+                self._applied.update(plan.offsets)
+        finally:
+            self._bump(touched)
         # Written: now (and only now) the windows-topic offsets may be committed.
         offsets: dict[tuple[str, int], int] = {}
         for message, _ in batch:
@@ -172,7 +223,6 @@ class Sink:
             )
         except Exception:  # a rebalance took the partitions: the next owner replays, the check skips
             log.warning("sink: offset commit failed after write; the replay will be skipped", exc_info=True)
-        self._applied.update(plan.offsets)
         self._record(plan, stored_at, started)
 
     def _load_stored_keys(self) -> None:

@@ -167,6 +167,47 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         CREATE INDEX portal_tokens_subject ON portal_tokens (subject_key);
         """,
     ),
+    Migration(
+        3,
+        "reservations: holds before a call, settled by a commit or a release",
+        """
+        CREATE TABLE reservations (
+            id text PRIMARY KEY,
+            subject_key text NOT NULL,
+            status text NOT NULL,
+            provider text,
+            model text,
+            request_digest text NOT NULL,
+            estimate jsonb,
+            created_at timestamptz NOT NULL,
+            expires_at timestamptz NOT NULL,
+            committed_at timestamptz,
+            released_at timestamptz,
+            event jsonb,
+            usage_digest text,
+            sent_at timestamptz,
+            event_topic text,
+            event_partition integer,
+            event_offset bigint
+        );
+        -- What a reserve must count: live holds, and recent commits (whose usage may not be in the windows yet).
+        CREATE INDEX reservations_held ON reservations (subject_key, expires_at) WHERE status = 'held';
+        CREATE INDEX reservations_committed ON reservations (subject_key, committed_at) WHERE status = 'committed';
+        -- Commits whose event the broker has not acknowledged yet (the relay sends them).
+        CREATE INDEX reservations_unsent ON reservations (committed_at)
+            WHERE status = 'committed' AND sent_at IS NULL;
+
+        CREATE TABLE reservation_lines (
+            reservation_id text NOT NULL REFERENCES reservations (id),
+            entitlement_id text NOT NULL,
+            feature_key text NOT NULL,
+            amount numeric NOT NULL,
+            is_soft_limit boolean NOT NULL,
+            actual numeric,
+            PRIMARY KEY (reservation_id, entitlement_id)
+        );
+        """,
+    ),
 )
 
 

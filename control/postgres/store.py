@@ -31,14 +31,17 @@ from control.model import (
     EntitlementType,
     Feature,
     Grant,
+    HoldLine,
     Plan,
+    Reservation,
+    ReservationStatus,
     Subject,
     SubjectPlan,
     UsageReset,
 )
 from control.periods import Interval, RecurringPeriod
 from control.postgres.schema import migrate
-from control.store import Conflict, StoreUnavailable
+from control.store import Conflict, ReserveState, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -579,6 +582,214 @@ class PgTx:
         )
         return cur.rowcount
 
+    # -- reservations ----------------------------------------------------------------------------------
+
+    async def insert_reservation(self, r: Reservation) -> None:
+        """The reservation and its lines, in one round trip."""
+        try:
+            async with self._conn.pipeline():
+                await self._conn.execute(
+                    b"INSERT INTO reservations (id, subject_key, status, provider, model, request_digest, estimate, "
+                    b"created_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        r.id,
+                        r.subject_key,
+                        r.status.value,
+                        r.provider,
+                        r.model,
+                        r.request_digest,
+                        _json(r.estimate),
+                        r.created_at,
+                        r.expires_at,
+                    ),
+                )
+                if r.lines:
+                    await self._conn.execute(
+                        b"INSERT INTO reservation_lines (reservation_id, entitlement_id, feature_key, amount, "
+                        b"is_soft_limit) SELECT %s, * "
+                        b"FROM unnest(%s::text[], %s::text[], %s::numeric[], %s::boolean[])",
+                        (
+                            r.id,
+                            [ln.entitlement_id for ln in r.lines],
+                            [ln.feature_key for ln in r.lines],
+                            [ln.amount for ln in r.lines],
+                            [ln.is_soft_limit for ln in r.lines],
+                        ),
+                    )
+        except psycopg.errors.UniqueViolation:
+            raise Conflict(f"reservation {r.id} already exists") from None
+
+    async def _reservations(
+        self, where: str, params: Sequence[Any] | Mapping[str, Any], lock: str = ""
+    ) -> list[Reservation]:
+        rows = await self._all(f"SELECT * FROM reservations WHERE {where} ORDER BY created_at, id{lock}", params)
+        if not rows:
+            return []
+        lines: dict[str, list[HoldLine]] = {}
+        for ln in await self._all(
+            "SELECT * FROM reservation_lines WHERE reservation_id = ANY(%s) ORDER BY feature_key",
+            ([r["id"] for r in rows],),
+        ):
+            lines.setdefault(ln["reservation_id"], []).append(
+                HoldLine(ln["entitlement_id"], ln["feature_key"], ln["amount"], ln["is_soft_limit"], ln["actual"])
+            )
+        return [_reservation(r, lines.get(r["id"], [])) for r in rows]
+
+    async def reservation(self, reservation_id: str) -> Reservation | None:
+        found = await self._reservations("id = %s", (reservation_id,))
+        return found[0] if found else None
+
+    async def open_reservations(
+        self,
+        subject_key: str,
+        now: datetime,
+        committed_since: datetime,
+        applied: Mapping[tuple[str, int], int] | None = None,
+    ) -> list[Reservation]:
+        """Holds not expired at ``now``, and commits since ``committed_since`` (or never acknowledged by the
+        broker) whose event is past ``applied`` (the windows' applied offsets; None: every such commit)."""
+        sql, params = self._open_sql(subject_key, now, committed_since, applied)
+        return await self._reservations(sql.removeprefix("SELECT * FROM reservations WHERE "), params)
+
+    async def reserve_state(
+        self,
+        subject_key: str,
+        *,
+        reservation_id: str,
+        now: datetime,
+        committed_since: datetime,
+        applied: Mapping[tuple[str, int], int],
+        default_plan: str | None,
+    ) -> ReserveState:
+        """Everything a reserve decides on, read with one round trip (a pipeline of independent reads, each
+        seeing every transaction committed before it: call it after the subject's lock is held)."""
+        sql_open, params_open = self._open_sql(subject_key, now, committed_since, applied)
+        live = "SELECT id FROM entitlements WHERE subject_key = %s AND deleted_at IS NULL AND type = 'metered'"
+        async with self._conn.pipeline() as pipeline:
+            c_plan = await self._conn.execute(b"SELECT * FROM subject_plans WHERE subject_key = %s", (subject_key,))
+            c_wanted = await self._conn.execute(
+                b"SELECT * FROM plans WHERE deleted_at IS NULL AND key = COALESCE((SELECT plan_key FROM subject_plans "
+                b"WHERE subject_key = %s AND NOT is_default), %s)",
+                (subject_key, default_plan),
+            )
+            c_ents = await self._conn.execute(
+                b"SELECT * FROM entitlements WHERE subject_key = %s AND deleted_at IS NULL AND type = 'metered' "
+                b"ORDER BY created_at, id",
+                (subject_key,),
+            )
+            c_features = await self._conn.execute(
+                b"SELECT * FROM features WHERE id IN (SELECT feature_id FROM entitlements "
+                b"WHERE subject_key = %s AND deleted_at IS NULL AND type = 'metered')",
+                (subject_key,),
+            )
+            c_grants = await self._conn.execute(
+                f"SELECT * FROM grants WHERE entitlement_id IN ({live}) ORDER BY effective_at, created_at, id".encode(),
+                (subject_key,),
+            )
+            c_resets = await self._conn.execute(
+                f"SELECT * FROM usage_resets WHERE entitlement_id IN ({live}) ORDER BY reset_at".encode(),
+                (subject_key,),
+            )
+            c_open = await self._conn.execute(sql_open.encode(), params_open)
+            c_lines = await self._conn.execute(
+                f"SELECT * FROM reservation_lines WHERE reservation_id IN (SELECT id FROM ({sql_open}) o) "
+                "ORDER BY feature_key".encode(),
+                params_open,
+            )
+            c_existing = await self._conn.execute(b"SELECT * FROM reservations WHERE id = %s", (reservation_id,))
+            c_existing_lines = await self._conn.execute(
+                b"SELECT * FROM reservation_lines WHERE reservation_id = %s ORDER BY feature_key", (reservation_id,)
+            )
+            await pipeline.sync()
+        sp = await c_plan.fetchone()
+        wanted = await c_wanted.fetchone()
+        grants: dict[str, list[Grant]] = {}
+        for g in await c_grants.fetchall():
+            grants.setdefault(g["entitlement_id"], []).append(_grant(g))
+        resets: dict[str, list[UsageReset]] = {}
+        for r in await c_resets.fetchall():
+            resets.setdefault(r["entitlement_id"], []).append(_reset(r))
+        open_rows = await c_open.fetchall()
+        lines = _lines(await c_lines.fetchall())
+        existing = await c_existing.fetchone()
+        existing_lines = _lines(await c_existing_lines.fetchall())
+        return ReserveState(
+            subject_plan=_subject_plan(sp) if sp else None,
+            wanted_plan=_plan(wanted) if wanted else None,
+            entitlements=[_entitlement(e) for e in await c_ents.fetchall()],
+            features={f["id"]: _feature(f) for f in await c_features.fetchall()},
+            grants=grants,
+            resets=resets,
+            reservations=[_reservation(r, lines.get(r["id"], [])) for r in open_rows],
+            existing=_reservation(existing, existing_lines.get(existing["id"], [])) if existing else None,
+        )
+
+    @staticmethod
+    def _open_sql(
+        subject_key: str, now: datetime, committed_since: datetime, applied: Mapping[tuple[str, int], int] | None
+    ) -> tuple[str, dict[str, Any]]:
+        where = (
+            "subject_key = %(s)s AND ((status = 'held' AND expires_at > %(now)s) OR (status = 'committed' "
+            "AND (sent_at IS NULL OR (committed_at >= %(since)s{past}))))"
+        )
+        params: dict[str, Any] = {"s": subject_key, "now": now, "since": committed_since}
+        past = ""
+        if applied is not None:
+            past = (
+                " AND event_offset > COALESCE((SELECT a.o FROM unnest(%(t)s::text[], %(p)s::int[], %(o)s::bigint[]) "
+                "AS a(t, p, o) WHERE a.t = event_topic AND a.p = event_partition), -1)"
+            )
+            params |= {"t": [k[0] for k in applied], "p": [k[1] for k in applied], "o": list(applied.values())}
+        return "SELECT * FROM reservations WHERE " + where.format(past=past), params
+
+    async def expire_holds(self, now: datetime, limit: int = 1000) -> int:
+        """Tidy-up only: an expired hold stops counting by its time alone; marking it keeps the open set small."""
+        cur = await self._conn.execute(
+            b"UPDATE reservations SET status = 'expired' WHERE id IN (SELECT id FROM reservations "
+            b"WHERE status = 'held' AND expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED)",
+            (now, limit),
+        )
+        return cur.rowcount
+
+    async def commit_reservation(
+        self,
+        reservation_id: str,
+        at: datetime,
+        event: Mapping[str, Any],
+        usage_digest: str,
+        actual: Mapping[str, Decimal | None],
+    ) -> None:
+        await self._conn.execute(
+            b"UPDATE reservations SET status = 'committed', committed_at = %s, event = %s, usage_digest = %s "
+            b"WHERE id = %s",
+            (at, Jsonb(dict(event)), usage_digest, reservation_id),
+        )
+        async with self._conn.cursor() as cur:
+            await cur.executemany(
+                b"UPDATE reservation_lines SET actual = %s WHERE reservation_id = %s AND entitlement_id = %s",
+                [(amount, reservation_id, ent) for ent, amount in actual.items()],
+            )
+
+    async def release_reservation(self, reservation_id: str, at: datetime) -> None:
+        await self._conn.execute(
+            b"UPDATE reservations SET status = 'released', released_at = %s WHERE id = %s", (at, reservation_id)
+        )
+
+    async def mark_sent(self, reservation_id: str, position: tuple[str, int, int], at: datetime) -> None:
+        await self._conn.execute(
+            b"UPDATE reservations SET sent_at = %s, event_topic = %s, event_partition = %s, event_offset = %s "
+            b"WHERE id = %s",
+            (at, *position, reservation_id),
+        )
+
+    async def unsent_commits(self, committed_before: datetime, limit: int) -> list[Reservation]:
+        """Commits whose event the broker has not acknowledged, locked (skipping those another relay holds)."""
+        return await self._reservations(
+            "status = 'committed' AND sent_at IS NULL AND committed_at < %s",
+            (committed_before,),
+            f" LIMIT {int(limit)} FOR UPDATE SKIP LOCKED",
+        )
+
 
 def _key(r: DictRow) -> ApiKey:
     return ApiKey(
@@ -676,3 +887,43 @@ class PostgresStore:
             raise StoreUnavailable(f"PostgreSQL is not reachable (no connection within {self._timeout_s:g}s)") from exc
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"PostgreSQL is not reachable: {_first_line(exc)}") from exc
+
+
+def _reset(r: DictRow) -> UsageReset:
+    return UsageReset(r["entitlement_id"], r["reset_at"], r["retain_anchor"], r["preserve_overage"], r["created_at"])
+
+
+def _subject_plan(row: DictRow) -> SubjectPlan:
+    return SubjectPlan(row["subject_key"], row["plan_key"], row["plan_version"], row["assigned_at"], row["is_default"])
+
+
+def _lines(rows: Sequence[DictRow]) -> dict[str, list[HoldLine]]:
+    out: dict[str, list[HoldLine]] = {}
+    for ln in rows:
+        out.setdefault(ln["reservation_id"], []).append(
+            HoldLine(ln["entitlement_id"], ln["feature_key"], ln["amount"], ln["is_soft_limit"], ln["actual"])
+        )
+    return out
+
+
+def _reservation(r: DictRow, lines: Sequence[HoldLine]) -> Reservation:
+    position = None
+    if r["event_topic"] is not None:
+        position = (r["event_topic"], r["event_partition"], r["event_offset"])
+    return Reservation(
+        id=r["id"],
+        subject_key=r["subject_key"],
+        status=ReservationStatus(r["status"]),
+        provider=r["provider"],
+        model=r["model"],
+        request_digest=r["request_digest"],
+        estimate=r["estimate"],
+        lines=tuple(lines),
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        committed_at=r["committed_at"],
+        released_at=r["released_at"],
+        event=r["event"],
+        usage_digest=r["usage_digest"],
+        event_position=position,
+    )

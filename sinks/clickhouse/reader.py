@@ -277,6 +277,15 @@ class MeterReader:
         )
         return [(subject, _utc(first)) for subject, first in result.result_rows]
 
+    def applied_offsets(self) -> dict[tuple[str, int], int]:
+        """The last events-topic offset whose windows are stored, per (topic id, partition): an event at or
+        below it is in every query from now on (the sink writes windows and these markers in one insert)."""
+        result = self._query(
+            "SELECT src_topic, src_partition, max(applied_offset) FROM usage_windows "
+            "WHERE subject = '' GROUP BY src_topic, src_partition"
+        )
+        return {(topic, int(partition)): int(offset) for topic, partition, offset in result.result_rows}
+
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
         sql, params = list_events_sql(f)
         result = self._query(sql, params)

@@ -72,6 +72,11 @@ NEEDS: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/plans/{}"): READ,
     ("PUT", "/api/v1/plans/{}"): ADMIN,
     ("DELETE", "/api/v1/plans/{}"): ADMIN,
+    ("POST", "/api/v1/subjects/{}/reservations"): INGEST,
+    ("GET", "/api/v1/reservations/{}"): INGEST,
+    ("POST", "/api/v1/reservations/{}/commit"): INGEST,
+    ("POST", "/api/v1/reservations/{}/release"): INGEST,
+    ("POST", "/api/v1/estimate"): INGEST,
 }
 #: credential -> the needs it satisfies (for a portal token: of its own subject, "alice").
 GRANTS = {

@@ -160,6 +160,11 @@ class MultiProcessStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: Also run the control plane: an embedded PostgreSQL, its DSN given to the sink (which serves the API).
     control: bool = False
+    #: More sink processes, each with the query and control API over its own copy of the windows (its own
+    #: consumer group and embedded engine): API processes sharing one PostgreSQL.
+    replicas: int = 0
+    replica_services: list[Service] = field(default_factory=list)
+    replica_ports: list[int] = field(default_factory=list)
     broker: Any = None
     postgres: Any = None
     ingest: Service | None = None
@@ -175,6 +180,18 @@ class MultiProcessStack:
     @property
     def query_url(self) -> str:
         return f"http://127.0.0.1:{self.sink_port}"
+
+    @property
+    def api_urls(self) -> list[str]:
+        """Every process serving the query and control API: the sink, then its replicas."""
+        return [self.query_url, *(f"http://127.0.0.1:{p}" for p in self.replica_ports)]
+
+    def replica_env(self, i: int) -> dict[str, str]:
+        return self.env("sink") | {
+            "METERSTREAM_SINK_GROUP_ID": f"meterstream-sink-replica-{i}",
+            "METERSTREAM_SINK_CLICKHOUSE__DSN": f"chdb://{self.base / f'clickhouse-replica-{i}'}",
+            "METERSTREAM_SINK_PORT": str(self.replica_ports[i]),
+        }
 
     def env(self, service: str) -> dict[str, str]:
         prefix = f"METERSTREAM_{service.upper()}_"
@@ -215,6 +232,11 @@ class MultiProcessStack:
             self.add_processor()
         self.sink = Service(["sink"], self.env("sink"), self.base / "sink.log")
         self.sink.start()
+        self.replica_ports = [free_port() for _ in range(self.replicas)]
+        for i in range(self.replicas):
+            replica = Service(["sink"], self.replica_env(i), self.base / f"sink-replica-{i}.log")
+            replica.start()
+            self.replica_services.append(replica)
         self.ingest = Service(["ingest"], self.env("ingest"), self.base / "ingest.log")
         self.ingest.start()
         self.wait_ready()
@@ -234,6 +256,8 @@ class MultiProcessStack:
         for service in self.processors:
             wait_ready(self.processor_ready_url(service), timeout_s, service.process)
         wait_ready(f"{self.query_url}/readyz", timeout_s, self.sink.process)
+        for url, replica in zip(self.api_urls[1:], self.replica_services, strict=True):
+            wait_ready(f"{url}/readyz", timeout_s, replica.process)
         wait_ready(f"{self.ingest_url}/readyz", timeout_s, self.ingest.process)
 
     def restart(self, service: Service, timeout_s: float = 90.0) -> None:
@@ -242,11 +266,15 @@ class MultiProcessStack:
             wait_ready(f"{self.ingest_url}/readyz", timeout_s, service.process)
         elif service is self.sink:
             wait_ready(f"{self.query_url}/readyz", timeout_s, service.process)
+        elif service in self.replica_services:
+            url = self.api_urls[1 + self.replica_services.index(service)]
+            wait_ready(f"{url}/readyz", timeout_s, service.process)
         else:
             wait_ready(self.processor_ready_url(service), timeout_s, service.process)
 
     def logs(self) -> str:
-        parts = [s.log()[-3000:] for s in [self.ingest, self.sink, *self.processors] if s is not None]
+        services = [self.ingest, self.sink, *self.replica_services, *self.processors]
+        parts = [s.log()[-3000:] for s in services if s is not None]
         return "\n-----\n".join(parts)
 
     def running(self, processors: int = 1) -> Iterator[MultiProcessStack]:
@@ -261,7 +289,7 @@ class MultiProcessStack:
         self.stop()
 
     def stop(self) -> None:
-        for service in [self.ingest, *self.processors, self.sink]:
+        for service in [self.ingest, *self.processors, self.sink, *self.replica_services]:
             if service is not None:
                 service.stop(30)
         if self.broker is not None:

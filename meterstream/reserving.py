@@ -1,0 +1,122 @@
+"""Wiring of reservations: the ingest path and the pricer, as the control plane's reservations need them.
+
+Commits record their usage as ordinary usage events through the very code ingest runs (validation,
+dedupe by (source, id), a producer that answers only after the broker acknowledged), and are priced by the
+processor's pricer, so a committed amount is what the windows will count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Hashable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from control.holds import AcceptedUsage, EmitFailed, ReservationService
+from control.sizing import Rates
+from ingest.parsing import STRUCTURED, IngestPolicy, parse_request
+from ingest.producer import BrokerUnavailable, EventProducer
+from ingest.service import IngestService
+from processors.pricing import Price, Pricer
+from schemas.events import to_micros
+from schemas.topics import partition_for
+from sinks.clickhouse.reader import MeterReader
+from sinks.consumer import Sink
+
+_HEADERS = {"content-type": STRUCTURED}
+
+
+class IngestUsageEvents:
+    """Commits' usage events, checked and produced exactly as ``POST /api/v1/events`` does it."""
+
+    def __init__(self, service: IngestService, policy: IngestPolicy, producer: EventProducer, topic_id: str) -> None:
+        self._service = service
+        self._policy = policy
+        self._producer = producer
+        self._topic_id = topic_id
+
+    def accept(self, event: Mapping[str, Any]) -> AcceptedUsage:
+        (record,) = parse_request(_HEADERS, orjson.dumps(event), self._policy, datetime.now(UTC))
+        return AcceptedUsage(
+            provider=record["provider"],
+            model=record["model"],
+            usage=record.get("usage") or {},
+            price_context=record.get("price_context") or {},
+        )
+
+    async def emit(self, event: Mapping[str, Any]) -> tuple[str, int, int]:
+        try:
+            await self._service.ingest(_HEADERS, orjson.dumps(event))
+        except BrokerUnavailable as exc:
+            raise EmitFailed(str(exc)) from exc
+        partition = partition_for(str(event["subject"]), self._producer.partitions())
+        # Acknowledged now (or earlier, when ingest dropped it as already sent): at or after its offset.
+        offset = self._producer.acknowledged.get(partition)
+        if offset is None:
+            raise EmitFailed("the broker's acknowledgement of the event is not known")
+        return self._topic_id, partition, offset
+
+
+class PricerRates:
+    """The processor's pricer, for commits (what a call cost) and reserves (the highest rates)."""
+
+    def __init__(self, pricer: Pricer) -> None:
+        self._pricer = pricer
+
+    def cost(
+        self, provider: str, model: str, at: datetime, usage: Mapping[str, int], context: Mapping[str, str]
+    ) -> Decimal | None:
+        result = self._pricer.price(provider, model, to_micros(at), usage, context or None)
+        return result.total_usd if isinstance(result, Price) else None
+
+    def rates(self, provider: str, model: str, at: datetime, context: Mapping[str, str]) -> Rates | None:
+        found = self._pricer.bound_rates(provider, model, at, context or None)
+        return Rates(*found) if found is not None else None
+
+
+@contextlib.asynccontextmanager
+async def relaying(holds: ReservationService | None) -> AsyncIterator[None]:
+    """Run the relay of unacknowledged commits while the app runs."""
+    if holds is None:
+        yield
+        return
+    task = asyncio.create_task(holds.relay_forever(), name="reservations-relay")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class ReaderClock:
+    """Where the windows are, from ClickHouse alone (a process without a sink): nothing is cached."""
+
+    def __init__(self, reader: MeterReader) -> None:
+        self._reader = reader
+
+    def applied_offsets(self) -> Mapping[tuple[str, int], int]:
+        return self._reader.applied_offsets()
+
+    def usage_version(self, subject: str) -> Hashable | None:
+        return None
+
+
+class SinkClock(ReaderClock):
+    """Where the windows are, from the sink writing them in this process (no query needed), falling back
+    to ClickHouse when the sink cannot tell (it does not hold every partition, or is still loading)."""
+
+    def __init__(self, sink: Sink, reader: MeterReader) -> None:
+        super().__init__(reader)
+        self._sink = sink
+
+    def applied_offsets(self) -> Mapping[tuple[str, int], int]:
+        local = self._sink.applied_offsets()
+        return local if local is not None else super().applied_offsets()
+
+    def usage_version(self, subject: str) -> Hashable | None:
+        return self._sink.usage_version(subject)
