@@ -168,12 +168,16 @@ class ReservationService:
     # -- estimate --------------------------------------------------------------------------------------
 
     def bound(
-        self, provider: str, model: str, request: Mapping[str, Any], at: datetime
+        self, provider: str, model: str, request: Mapping[str, Any], at: datetime, extra: int = 0
     ) -> tuple[TokenBound, sizing.CallBound]:
+        """The request's token bound (``extra`` input tokens added for what it cannot see) and its priced
+        form."""
         try:
             # The body was read with exact decimals; the bound takes plain JSON values.
             plain = _plain(request)
-            tokens = bound_request(provider, plain, default_max_output=self._settings.default_max_output_tokens)
+            tokens = bound_request(
+                provider, plain, default_max_output=self._settings.default_max_output_tokens, extra_input_tokens=extra
+            )
         except EstimateError as exc:
             raise bad(exc.field, exc.message) from None
         context = _price_context(request)
@@ -181,7 +185,7 @@ class ReservationService:
         return tokens, sizing.CallBound(tokens.input_tokens, tokens.output_tokens, rates)
 
     def estimate(self, inp: EstimateIn) -> tuple[TokenBound, Decimal | None]:
-        tokens, call = self.bound(inp.provider, inp.model, inp.request, self._control.now())
+        tokens, call = self.bound(inp.provider, inp.model, inp.request, self._control.now(), inp.extraInputTokens)
         return tokens, call.cost()
 
     # -- reserve ---------------------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class ReservationService:
         if inp.request is not None:
             assert inp.provider is not None
             assert inp.model is not None
-            _, call = self.bound(inp.provider, inp.model, inp.request, now)
+            _, call = self.bound(inp.provider, inp.model, inp.request, now, inp.extraInputTokens)
         elif inp.estimate is not None:
             assert inp.provider is not None
             assert inp.model is not None
@@ -323,7 +327,8 @@ class ReservationService:
             line = HoldLine(t.ent.id, t.feature.key, amount, t.ent.is_soft_limit)
             over = amount > available
             frees = min(period_end, out.next_expiry) if out.next_expiry is not None else period_end
-            views.append(LineView(line, available - amount if fits else available, over, fits, frees, available))
+            shown = available - amount if fits else max(ZERO, available)
+            views.append(LineView(line, shown, over, fits, frees, available))
         return views
 
     async def _balance(
@@ -533,19 +538,19 @@ def _price_context(request: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _event_data(r: Reservation, usage: Mapping[str, Any]) -> Any:
-    """The event's data: the reservation's provider and model, and the usage as given."""
+    """The event's data: the usage as given, under the reservation's provider and model (a response names
+    its dated snapshot, ``gpt-4o-2024-08-06`` for ``gpt-4o``: the usage counts where the hold was made)."""
     data = dict(usage)
+    given = data.get("provider")
+    if r.provider is not None and given is not None and not _same_provider(given, r.provider):
+        raise Problem(
+            400,
+            f"usage.provider is {given!r} but the reservation was for {r.provider!r}",
+            [FieldError("usage.provider", f"the reservation was for {r.provider!r}")],
+        )
     for key, value in (("provider", r.provider), ("model", r.model)):
-        if value is None:
-            continue
-        given = data.get(key)
-        if given is not None and given != value and not (key == "provider" and _same_provider(given, value)):
-            raise Problem(
-                400,
-                f"usage.{key} is {given!r} but the reservation was for {value!r}",
-                [FieldError(f"usage.{key}", f"the reservation was for {value!r}")],
-            )
-        data[key] = value
+        if value is not None:
+            data[key] = value
     return _plain(data)
 
 

@@ -316,6 +316,8 @@ class ReserveIn(_In):
         dict[str, Annotated[Decimal, Field(gt=0, allow_inf_nan=False, max_digits=60, decimal_places=18)]] | None
     ) = None
     ttlSeconds: Annotated[int, Field(ge=1)] | None = None
+    #: Input the request's bound cannot see (files, audio, server-side state), added to it.
+    extraInputTokens: Annotated[int, Field(ge=0, le=10**9)] = 0
 
     @field_validator("estimate")
     @classmethod
@@ -337,3 +339,4 @@ class EstimateIn(_In):
     provider: Annotated[str, Field(min_length=1, max_length=128)]
     model: Annotated[str, Field(min_length=1, max_length=256)]
     request: dict[str, Any]
+    extraInputTokens: Annotated[int, Field(ge=0, le=10**9)] = 0

@@ -95,18 +95,19 @@ class EventProducer:
             self._partitions, self._partitions_at = len(topic.partitions), now
         return self._partitions
 
-    async def send(self, records: Sequence[tuple[int, bytes]], timestamp_ms: int) -> None:
-        """Produce ``(partition, value)`` records and wait until all are acknowledged.
+    async def send(self, records: Sequence[tuple[int, bytes]], timestamp_ms: int) -> list[int]:
+        """Produce ``(partition, value)`` records and wait until all are acknowledged; returns the offset
+        each record was stored at, in order.
 
         The record timestamp is the receive time (not the event time), so retention counts from arrival.
         """
         if not records:
-            return
+            return []
         self._renew_if_broken()
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
+        futures: list[asyncio.Future[int]] = []
 
-        def callback(future: asyncio.Future[None]) -> Any:
+        def callback(future: asyncio.Future[int]) -> Any:
             def on_delivery(error: KafkaError | None, message: Message) -> None:
                 if error is not None and (error.fatal() or error.code() in _PRODUCER_STATE_LOST):
                     self._fatal = True
@@ -118,13 +119,13 @@ class EventProducer:
                     and offset > self.acknowledged.get(partition, -1)
                 ):
                     self.acknowledged[partition] = offset
-                loop.call_soon_threadsafe(_settle, future, error)
+                loop.call_soon_threadsafe(_settle, future, error, -1 if offset is None else offset)
 
             return on_delivery
 
         try:
             for partition, value in records:
-                future: asyncio.Future[None] = loop.create_future()
+                future: asyncio.Future[int] = loop.create_future()
                 futures.append(future)
                 self._producer.produce(
                     self._topic,
@@ -139,7 +140,7 @@ class EventProducer:
             raise BrokerUnavailable(f"cannot queue records: {exc}") from exc
         try:
             async with asyncio.timeout(self._timeout_s + 1):
-                await asyncio.gather(*futures)
+                return list(await asyncio.gather(*futures))
         except TimeoutError as exc:
             raise BrokerUnavailable("the broker did not acknowledge in time") from exc
 
@@ -175,10 +176,10 @@ _PRODUCER_STATE_LOST = frozenset(
 )
 
 
-def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
+def _settle(future: asyncio.Future[int], error: KafkaError | None, offset: int) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(offset)
     else:
         future.set_exception(BrokerUnavailable(f"delivery failed: {error.str()}"))

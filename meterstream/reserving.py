@@ -20,9 +20,9 @@ from control.holds import AcceptedUsage, EmitFailed, ReservationService
 from control.sizing import Rates
 from ingest.parsing import STRUCTURED, IngestPolicy, parse_request
 from ingest.producer import BrokerUnavailable, EventProducer
-from ingest.service import IngestService
 from processors.pricing import Price, Pricer
 from schemas.events import to_micros
+from schemas.records import RECORD_VERSION, AcceptedEvent, encode
 from schemas.topics import partition_for
 from sinks.clickhouse.reader import MeterReader
 from sinks.consumer import Sink
@@ -31,16 +31,20 @@ _HEADERS = {"content-type": STRUCTURED}
 
 
 class IngestUsageEvents:
-    """Commits' usage events, checked and produced exactly as ``POST /api/v1/events`` does it."""
+    """Commits' usage events, checked exactly as ``POST /api/v1/events`` checks them and produced with the
+    same producer settings (acknowledged by every in-sync replica before ``emit`` returns)."""
 
-    def __init__(self, service: IngestService, policy: IngestPolicy, producer: EventProducer, topic_id: str) -> None:
-        self._service = service
+    def __init__(self, policy: IngestPolicy, producer: EventProducer, topic_id: str) -> None:
         self._policy = policy
         self._producer = producer
         self._topic_id = topic_id
 
-    def accept(self, event: Mapping[str, Any]) -> AcceptedUsage:
+    def _accepted(self, event: Mapping[str, Any]) -> AcceptedEvent:
         (record,) = parse_request(_HEADERS, orjson.dumps(event), self._policy, datetime.now(UTC))
+        return record
+
+    def accept(self, event: Mapping[str, Any]) -> AcceptedUsage:
+        record = self._accepted(event)
         return AcceptedUsage(
             provider=record["provider"],
             model=record["model"],
@@ -49,15 +53,16 @@ class IngestUsageEvents:
         )
 
     async def emit(self, event: Mapping[str, Any]) -> tuple[str, int, int]:
+        """Produce the event (again, if it was sent before: the pipeline drops the copy by its id) and
+        return exactly where the broker stored it."""
+        record = self._accepted(event)
+        now = datetime.now(UTC)
         try:
-            await self._service.ingest(_HEADERS, orjson.dumps(event))
+            partition = partition_for(record["subject"], self._producer.partitions())
+            value = encode({"v": RECORD_VERSION, "events": [record]})
+            (offset,) = await self._producer.send([(partition, value)], timestamp_ms=int(now.timestamp() * 1000))
         except BrokerUnavailable as exc:
             raise EmitFailed(str(exc)) from exc
-        partition = partition_for(str(event["subject"]), self._producer.partitions())
-        # Acknowledged now (or earlier, when ingest dropped it as already sent): at or after its offset.
-        offset = self._producer.acknowledged.get(partition)
-        if offset is None:
-            raise EmitFailed("the broker's acknowledgement of the event is not known")
         return self._topic_id, partition, offset
 
 

@@ -145,8 +145,7 @@ def make_usage_events(
     defaults = IngestSettings.model_construct()
     producer = EventProducer(kafka.to_librdkafka(), topics.events, defaults.produce_timeout_ms, defaults.linger_ms)
     settings = defaults.model_copy(update={"kafka": kafka, "topics": topics, "usage_event_type": usage_event_type})
-    service = IngestService(settings, producer)
-    return IngestUsageEvents(service, _policy(settings), producer, topic_id(kafka, topics.events)), producer
+    return IngestUsageEvents(_policy(settings), producer, topic_id(kafka, topics.events)), producer
 
 
 def _policy(settings: IngestSettings) -> IngestPolicy:
@@ -421,7 +420,7 @@ def local_app(local: LocalSettings) -> Starlette:
         kafka.to_librdkafka(), topics.events, ingest_settings.produce_timeout_ms, ingest_settings.linger_ms
     )
     service = IngestService(ingest_settings, producer)
-    events = IngestUsageEvents(service, _policy(ingest_settings), producer, events_topic_id)
+    events = IngestUsageEvents(_policy(ingest_settings), producer, events_topic_id)
     reserving = (
         events,
         make_pricer(processor_settings.price_overrides),

@@ -30,6 +30,7 @@ def instrument_anthropic(
     *,
     default_subject: str | None = None,
     provider: str = "anthropic",
+    enforce_limits: bool = False,
 ) -> ClientT:
     """Meter every ``messages`` call of an Anthropic SDK client; returns the client.
 
@@ -46,10 +47,15 @@ def instrument_anthropic(
     The subject of a call is the ``meterstream_subject="..."`` keyword (removed before the SDK sees it),
     else the innermost ``with meterstream_client.subject(...)`` block, else ``default_subject``; a call
     with none raises MissingSubjectError before anything is sent to Anthropic.
+
+    ``enforce_limits=True`` (off by default) enforces the subject's limits on every metered call: a
+    reserve before it (a call that would exceed raises LimitExceededError before anything is sent to
+    Anthropic), a commit of the response's usage after it instead of an emitted event, a release if the
+    SDK raises. See the README ("Reservations").
     """
     if default_subject is not None:
         check_subject(default_subject)
-    settings = Settings(meter, provider, default_subject)
+    settings = Settings(meter, provider, default_subject, enforce=enforce_limits)
     messages = getattr(client, "messages", None)
     if messages is None:
         raise TypeError(f"not an Anthropic client: {type(client).__name__} has no messages")
@@ -57,7 +63,10 @@ def instrument_anthropic(
     patch_method(messages, "parse", settings, None, _non_streaming)
     _patch_stream_helper(messages, settings)
     patch_copy(
-        client, lambda copy: instrument_anthropic(copy, meter, default_subject=default_subject, provider=provider)
+        client,
+        lambda copy: instrument_anthropic(
+            copy, meter, default_subject=default_subject, provider=provider, enforce_limits=enforce_limits
+        ),
     )
     return client
 
@@ -91,7 +100,7 @@ def _messages_create(call: Call, kwargs: dict[str, Any]) -> Callable[[Any], Any]
         return lambda result: result
 
     def after(stream: Any) -> Any:
-        track_stream(stream, _MessagesTracker(call))
+        track_stream(stream, _MessagesTracker(call), call)
         return stream
 
     return after
@@ -152,10 +161,10 @@ def _patch_stream_helper(messages: Any, settings: Settings) -> None:
         tracker = _MessagesTracker(call)
 
         def on_request(raw_stream: Any) -> Any:
-            track_stream(raw_stream, tracker)
+            track_stream(raw_stream, tracker, call)
             return raw_stream
 
-        bind_manager(manager, on_request, call.subject)
+        bind_manager(manager, on_request, call.subject, call if settings.enforce else None)
         return manager
 
     stream.__meterstream_original__ = original  # type: ignore[attr-defined]

@@ -10,8 +10,9 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
@@ -30,6 +31,17 @@ from meterstream_client._delivery import (
 )
 from meterstream_client._events import DEFAULT_EVENT_TYPE
 from meterstream_client._query import METERS, UsageWindow, WindowSize, merge, parse_rows, query_params
+from meterstream_client._reservations import (
+    ApiCall,
+    Estimate,
+    Reservation,
+    check_ok,
+    commit_body,
+    estimate_call,
+    parse_estimate,
+    parse_reservation,
+    reservation_call,
+)
 
 log = logging.getLogger("meterstream_client")
 
@@ -71,6 +83,7 @@ class AsyncMeterstreamClient(BaseClient):
         on_drop: Callable[[DroppedEvent], None] | None = None,
         exit_timeout: float = 10.0,
         event_type: str = DEFAULT_EVENT_TYPE,
+        api_attempts: int = 5,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
@@ -89,6 +102,7 @@ class AsyncMeterstreamClient(BaseClient):
             on_drop=on_drop,
             exit_timeout=exit_timeout,
             event_type=event_type,
+            api_attempts=api_attempts,
         )
         self._transport = transport
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,11 +191,7 @@ class AsyncMeterstreamClient(BaseClient):
     ) -> list[UsageWindow]:
         """A subject's tokens and cost per window; see :meth:`MeterstreamClient.query_usage`."""
         params = query_params(subject, window=window, start=start, end=end, time_zone=time_zone, by_model=by_model)
-        if self._query_http is None:
-            self._query_http = httpx.AsyncClient(
-                base_url=self.base_url, headers=self._headers, timeout=self._timeout, transport=self._transport
-            )
-        http = self._query_http
+        http = self._api_client()
 
         async def one(meter: str) -> list[dict[str, object]]:
             response = await http.get(f"/api/v1/meters/{meter}/query", params=params)
@@ -190,6 +200,85 @@ class AsyncMeterstreamClient(BaseClient):
 
         results = await asyncio.gather(*(one(meter) for meter in METERS))
         return merge(subject, dict(zip(METERS, results, strict=True)))
+
+    # -- reservations (see MeterstreamClient for the details) -----------------------------------------
+
+    async def reserve(
+        self,
+        subject: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        estimate: Mapping[str, int] | None = None,
+        request: Mapping[str, Any] | None = None,
+        amounts: Mapping[str, Decimal | int | float | str] | None = None,
+        ttl_seconds: int | None = None,
+        reservation_id: str | None = None,
+    ) -> Reservation:
+        """Hold part of ``subject``'s budget for one call; see :meth:`MeterstreamClient.reserve`.
+
+        Raises:
+            LimitExceededError: the call does not fit (HTTP 429).
+            MeterstreamAPIError: any other error answer.
+        """
+        call, rid = self._reserve_request(
+            subject,
+            provider=provider,
+            model=model,
+            estimate=estimate,
+            request=request,
+            amounts=amounts,
+            ttl_seconds=ttl_seconds,
+            reservation_id=reservation_id,
+        )
+        return parse_reservation(check_ok(await self._api(call), subject=subject, reservation_id=rid))
+
+    async def commit(
+        self, reservation_id: str, usage: Mapping[str, Any], *, provider: str | None = None, model: str | None = None
+    ) -> Reservation:
+        """Replace a hold by what the call used; see :meth:`MeterstreamClient.commit`."""
+        call = reservation_call(reservation_id, "commit", commit_body(usage, provider=provider, model=model))
+        return parse_reservation(check_ok(await self._api(call)))
+
+    async def release(self, reservation_id: str) -> Reservation:
+        """Free a hold; see :meth:`MeterstreamClient.release`."""
+        return parse_reservation(check_ok(await self._api(reservation_call(reservation_id, "release"))))
+
+    async def get_reservation(self, reservation_id: str) -> Reservation:
+        """A reservation's state; see :meth:`MeterstreamClient.get_reservation`."""
+        return parse_reservation(check_ok(await self._api(reservation_call(reservation_id))))
+
+    async def estimate(self, provider: str, model: str, request: Mapping[str, Any]) -> Estimate:
+        """Meterstream's bound on a call; see :meth:`MeterstreamClient.estimate`."""
+        return parse_estimate(check_ok(await self._api(estimate_call(provider, model, request))))
+
+    async def _api(self, call: ApiCall) -> httpx.Response:
+        http = self._api_client()
+        headers = {"Content-Type": "application/json"} if call.body is not None else None
+        attempt = 0
+        while True:
+            try:
+                response = await http.request(call.method, call.path, content=call.body, headers=headers)
+            except httpx.TransportError as exc:
+                delay = self._retry_delay(call, attempt, None)
+                if delay is None:
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                delay = self._retry_delay(call, attempt, response)
+                if delay is None:
+                    return response
+                reason = f"HTTP {response.status_code}"
+            log.warning("meterstream: %s %s failed (%s); retrying in %.2f s", call.method, call.path, reason, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _api_client(self) -> httpx.AsyncClient:
+        if self._query_http is None:
+            self._query_http = httpx.AsyncClient(
+                base_url=self.base_url, headers=self._headers, timeout=self._timeout, transport=self._transport
+            )
+        return self._query_http
 
     # -- the sender ----------------------------------------------------------------------------------
 

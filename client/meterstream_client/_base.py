@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
-from meterstream_client._delivery import DeliveryStats, DroppedEvent, Item, Outbox, RetryPolicy
+import httpx
+
+from meterstream_client._delivery import DeliveryStats, DroppedEvent, Item, Outbox, RetryPolicy, parse_retry_after
 from meterstream_client._events import DEFAULT_EVENT_TYPE, build_event, check_text, default_source, encode_event
+from meterstream_client._reservations import ApiCall, new_reservation_id, reserve_body, reserve_call
 
 #: Meterstream's own request limits (413 above them).
 SERVER_MAX_EVENTS = 1000
@@ -57,6 +61,7 @@ class BaseClient:
         on_drop: Callable[[DroppedEvent], None] | None = None,
         exit_timeout: float = 10.0,
         event_type: str = DEFAULT_EVENT_TYPE,
+        api_attempts: int = 5,
     ) -> None:
         if not 1 <= max_batch_events <= SERVER_MAX_EVENTS:
             raise ValueError(f"max_batch_events must be from 1 to {SERVER_MAX_EVENTS}")
@@ -64,6 +69,8 @@ class BaseClient:
             raise ValueError(f"max_batch_bytes must be from 1024 to {SERVER_MAX_BYTES}")
         if on_full not in ("drop", "raise"):
             raise ValueError("on_full must be 'drop' or 'raise'")
+        if isinstance(api_attempts, bool) or not isinstance(api_attempts, int) or api_attempts < 1:
+            raise ValueError("api_attempts must be an integer of at least 1")
         if timeout <= 0 or flush_interval < 0 or full_timeout < 0 or exit_timeout < 0:
             raise ValueError("timeouts and intervals must not be negative")
         self.base_url = base_url.rstrip("/")
@@ -80,6 +87,7 @@ class BaseClient:
         self._exit_timeout = exit_timeout
         self._event_type = check_text("event_type", event_type, 256)
         self._outbox = Outbox(max_buffer, on_drop)
+        self._api_attempts = api_attempts
 
     def emit(
         self,
@@ -151,6 +159,45 @@ class BaseClient:
             raise BufferFullError(f"the Meterstream buffer is full ({self._outbox.capacity} events)")
         self._outbox.drop_full(item)
         return None
+
+    # -- reservations: requests built and answers read here, sent by the sync / async client ------------
+
+    def _reserve_request(
+        self,
+        subject: str,
+        *,
+        provider: str | None,
+        model: str | None,
+        estimate: Mapping[str, int] | None,
+        request: Mapping[str, Any] | None,
+        amounts: Mapping[str, Decimal | int | float | str] | None,
+        ttl_seconds: int | None,
+        reservation_id: str | None,
+    ) -> tuple[ApiCall, str]:
+        rid = reservation_id if reservation_id is not None else new_reservation_id()
+        body = reserve_body(
+            reservation_id=rid,
+            provider=provider,
+            model=model,
+            estimate=estimate,
+            request=request,
+            amounts=amounts,
+            ttl_seconds=ttl_seconds,
+        )
+        return reserve_call(subject, body), rid
+
+    def _retry_delay(self, call: ApiCall, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before sending ``call`` again after its ``attempt``-th failure (a transport
+        error when ``response`` is None), or None when it must not be (or is no longer) retried."""
+        if attempt + 1 >= self._api_attempts:
+            return None
+        retry_after = None
+        if response is not None:
+            if not call.retryable(response.status_code):
+                return None
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+        # A caller is waiting: never longer than the backoff's ceiling, whatever Retry-After says.
+        return min(self._retry.delay(attempt, retry_after), self._retry.max_delay)
 
     @property
     def stats(self) -> DeliveryStats:

@@ -10,8 +10,9 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
@@ -30,6 +31,17 @@ from meterstream_client._delivery import (
 )
 from meterstream_client._events import DEFAULT_EVENT_TYPE
 from meterstream_client._query import METERS, UsageWindow, WindowSize, merge, parse_rows, query_params
+from meterstream_client._reservations import (
+    ApiCall,
+    Estimate,
+    Reservation,
+    check_ok,
+    commit_body,
+    estimate_call,
+    parse_estimate,
+    parse_reservation,
+    reservation_call,
+)
 
 log = logging.getLogger("meterstream_client")
 
@@ -71,6 +83,9 @@ class MeterstreamClient(BaseClient):
             undelivered at shutdown), e.g. to persist it for a later replay.
         exit_timeout: seconds ``close()`` (and the exit hook) keeps trying to deliver what is buffered.
         event_type: the CloudEvents ``type`` (Meterstream's meters count ``llm.usage``).
+        api_attempts: how many times a reservation request (``reserve``, ``commit``, ``release``,
+            ``get_reservation``, ``estimate``) is sent at most when it fails with a network error or a 5xx
+            (they are idempotent; waits follow ``retry``, capped at its ``max_delay``).
         transport: an httpx transport (tests, proxies).
     """
 
@@ -92,6 +107,7 @@ class MeterstreamClient(BaseClient):
         on_drop: Callable[[DroppedEvent], None] | None = None,
         exit_timeout: float = 10.0,
         event_type: str = DEFAULT_EVENT_TYPE,
+        api_attempts: int = 5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(
@@ -110,6 +126,7 @@ class MeterstreamClient(BaseClient):
             on_drop=on_drop,
             exit_timeout=exit_timeout,
             event_type=event_type,
+            api_attempts=api_attempts,
         )
         self._transport = transport
         self._lock = threading.Lock()
@@ -200,6 +217,114 @@ class MeterstreamClient(BaseClient):
             response.raise_for_status()
             rows[meter] = parse_rows(response.content)
         return merge(subject, rows)
+
+    # -- reservations --------------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        subject: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        estimate: Mapping[str, int] | None = None,
+        request: Mapping[str, Any] | None = None,
+        amounts: Mapping[str, Decimal | int | float | str] | None = None,
+        ttl_seconds: int | None = None,
+        reservation_id: str | None = None,
+    ) -> Reservation:
+        """Hold part of ``subject``'s remaining budget for one LLM call, before making it.
+
+        Give exactly one of:
+
+        * ``request``: the call's request body (``messages``, ``system``, ``tools``, ``max_tokens``, ...,
+          as sent to the provider; large inline media is replaced by a placeholder before sending), which
+          Meterstream bounds for ``provider`` / ``model``;
+        * ``estimate``: canonical upper bounds, e.g. ``{"input_tokens": 1200, "output_tokens": 500}``;
+        * ``amounts``: exactly what to hold per feature, e.g. ``{"tokens": 1700}``.
+
+        The hold lasts ``ttl_seconds`` (1-3600, Meterstream's default 60), until :meth:`commit` or
+        :meth:`release`. ``reservation_id`` (1-128 of ``A-Za-z0-9._:-``) makes the request idempotent:
+        the same id for the same subject gets the same answer; a ULID is made when none is given, so a
+        reserve is always retried safely (on network errors and 5xx, up to ``api_attempts`` times).
+
+        Raises:
+            LimitExceededError: the call does not fit (HTTP 429): ``features`` with their balances,
+                ``retry_after``, ``fit`` (the largest ``max_tokens`` that would fit).
+            MeterstreamAPIError: any other error answer (e.g. a 400 naming a request that cannot be
+                bounded); an ``httpx.HTTPStatusError``.
+            httpx.TransportError: Meterstream stayed unreachable.
+        """
+        call, rid = self._reserve_request(
+            subject,
+            provider=provider,
+            model=model,
+            estimate=estimate,
+            request=request,
+            amounts=amounts,
+            ttl_seconds=ttl_seconds,
+            reservation_id=reservation_id,
+        )
+        return parse_reservation(check_ok(self._api(call), subject=subject, reservation_id=rid))
+
+    def commit(
+        self, reservation_id: str, usage: Mapping[str, Any], *, provider: str | None = None, model: str | None = None
+    ) -> Reservation:
+        """Replace a hold by what the call used; the usage is recorded as one ``llm.usage`` event (whose
+        id is the reservation's).
+
+        ``usage``: canonical counts (``{"input_tokens": 812, "output_tokens": 230}``) or the provider's
+        usage object under ``"usage"`` (``{"usage": response.usage}``; a dict or the SDK's pydantic
+        model), optionally with ``provider`` / ``model`` (also accepted as keywords): required when the
+        reservation named none, else they must be the reservation's (the event is recorded under them).
+        Idempotent and retried: a repeated commit counts once. A commit after the hold expired still
+        records the usage.
+
+        Raises:
+            MeterstreamAPIError: e.g. 409 after a release, 404 for an unknown id.
+        """
+        call = reservation_call(reservation_id, "commit", commit_body(usage, provider=provider, model=model))
+        return parse_reservation(check_ok(self._api(call)))
+
+    def release(self, reservation_id: str) -> Reservation:
+        """Free a hold (the call was not made, or failed). Idempotent and retried.
+
+        Raises:
+            MeterstreamAPIError: e.g. 409 after a commit, 404 for an unknown id.
+        """
+        return parse_reservation(check_ok(self._api(reservation_call(reservation_id, "release"))))
+
+    def get_reservation(self, reservation_id: str) -> Reservation:
+        """A reservation's state: ``held``, ``committed``, ``released`` or ``expired``, and per feature the
+        amount held and (once committed) ``actual``."""
+        return parse_reservation(check_ok(self._api(reservation_call(reservation_id))))
+
+    def estimate(self, provider: str, model: str, request: Mapping[str, Any]) -> Estimate:
+        """Meterstream's bound on a call (input tokens, maximum output tokens, cost), without holding
+        anything. A request that cannot be bounded (no ``max_tokens`` and no known maximum for the
+        model, ...) raises MeterstreamAPIError (400, naming the field)."""
+        return parse_estimate(check_ok(self._api(estimate_call(provider, model, request))))
+
+    def _api(self, call: ApiCall) -> httpx.Response:
+        """Send ``call``, again after a network error or a retryable status while attempts remain."""
+        http = self._query_client()
+        headers = {"Content-Type": "application/json"} if call.body is not None else None
+        attempt = 0
+        while True:
+            try:
+                response = http.request(call.method, call.path, content=call.body, headers=headers)
+            except httpx.TransportError as exc:
+                delay = self._retry_delay(call, attempt, None)
+                if delay is None:
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                delay = self._retry_delay(call, attempt, response)
+                if delay is None:
+                    return response
+                reason = f"HTTP {response.status_code}"
+            log.warning("meterstream: %s %s failed (%s); retrying in %.2f s", call.method, call.path, reason, delay)
+            time.sleep(delay)
+            attempt += 1
 
     # -- the sender ----------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ def instrument_openai(
     *,
     default_subject: str | None = None,
     provider: str = "openai",
+    enforce_limits: bool = False,
 ) -> ClientT:
     """Meter every ``chat.completions`` and ``responses`` call of an OpenAI SDK client; returns the client.
 
@@ -57,10 +58,14 @@ def instrument_openai(
         meter: where usage goes.
         default_subject: the subject of calls that name none.
         provider: the provider the usage is billed as (e.g. ``azure`` for an ``AzureOpenAI`` client).
+        enforce_limits: enforce the subject's limits on every metered call (off by default): reserve
+            before the call (a call that would exceed a limit raises LimitExceededError before anything is
+            sent to OpenAI), commit the response's usage after it instead of emitting an event, release
+            the hold if the SDK raises. See ``instrument_*`` in the README ("Reservations").
     """
     if default_subject is not None:
         check_subject(default_subject)
-    settings = Settings(meter, provider, default_subject)
+    settings = Settings(meter, provider, default_subject, enforce=enforce_limits)
     completions = getattr(getattr(client, "chat", None), "completions", None)
     responses = getattr(client, "responses", None)
     if completions is None and responses is None:
@@ -73,7 +78,12 @@ def instrument_openai(
         patch_method(responses, "create", settings, "responses", _responses_create)
         patch_method(responses, "parse", settings, "responses", _non_streaming)
         _patch_stream_helper(responses, settings)
-    patch_copy(client, lambda copy: instrument_openai(copy, meter, default_subject=default_subject, provider=provider))
+    patch_copy(
+        client,
+        lambda copy: instrument_openai(
+            copy, meter, default_subject=default_subject, provider=provider, enforce_limits=enforce_limits
+        ),
+    )
     return client
 
 
@@ -106,7 +116,7 @@ def _chat_create(call: Call, kwargs: dict[str, Any]) -> Callable[[Any], Any]:
     injected = _ask_for_usage(kwargs)
 
     def after(stream: Any) -> Any:
-        track_stream(stream, _ChatTracker(call, injected))
+        track_stream(stream, _ChatTracker(call, injected), call)
         return stream
 
     return after
@@ -121,6 +131,13 @@ def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
     return True
 
 
+def _has_output(delta: Any) -> bool:
+    """Whether a chat chunk's delta carries generated output (text, a refusal, tool-call arguments)."""
+    return bool(
+        getattr(delta, "content", None) or getattr(delta, "refusal", None) or getattr(delta, "tool_calls", None)
+    )
+
+
 class _ChatTracker:
     """Usage of a streamed chat completion: the final chunk (empty ``choices``) carries it."""
 
@@ -130,6 +147,8 @@ class _ChatTracker:
         self._last: Any = None
 
     def observe(self, chunk: Any) -> bool:
+        if any(_has_output(getattr(choice, "delta", None)) for choice in getattr(chunk, "choices", None) or ()):
+            self._call.output_deltas += 1
         usage = getattr(chunk, "usage", None)
         if usage is None:
             if self._injected:
@@ -146,7 +165,7 @@ class _ChatTracker:
     def finish(self, complete: bool) -> None:
         if self._last is not None:
             self._record()
-        elif not self._call.recorded:
+        elif not self._call.recorded and not self._call.settings.enforce:  # enforced: see _instrument._leftover
             warn_once(
                 f"openai-chat-no-usage-{complete}",
                 "meterstream: a streamed chat completion %s without usage; not metered",
@@ -165,7 +184,7 @@ def _responses_create(call: Call, kwargs: dict[str, Any]) -> Callable[[Any], Any
         return lambda result: result
 
     def after(stream: Any) -> Any:
-        track_stream(stream, _ResponsesTracker(call))
+        track_stream(stream, _ResponsesTracker(call), call)
         return stream
 
     return after
@@ -178,7 +197,10 @@ class _ResponsesTracker:
         self._call = call
 
     def observe(self, event: Any) -> bool:
-        if getattr(event, "type", None) in _TERMINAL_EVENTS:
+        kind = getattr(event, "type", None)
+        if isinstance(kind, str) and kind.endswith(".delta"):
+            self._call.output_deltas += 1
+        if kind in _TERMINAL_EVENTS:
             response = getattr(event, "response", None)
             usage = getattr(response, "usage", None)
             if usage is not None:
@@ -188,7 +210,7 @@ class _ResponsesTracker:
         return False
 
     def finish(self, complete: bool) -> None:
-        if not self._call.recorded:
+        if not self._call.recorded and not self._call.settings.enforce:  # enforced: see _instrument._leftover
             warn_once(
                 f"openai-responses-no-usage-{complete}",
                 "meterstream: a streamed response %s without usage; not metered",

@@ -16,13 +16,12 @@ from control.postgres.store import PostgresStore
 from control.service import ControlService
 from ingest.parsing import IngestPolicy
 from ingest.producer import EventProducer
-from ingest.service import IngestService
 from meterstream.reserving import IngestUsageEvents, PricerRates, ReaderClock
 from meterstream.topics import ensure_topics, topic_id
 from processors.pricing import Pricer
 from schemas.events import DEFAULT_USAGE_EVENT_TYPE
 from schemas.records import decode_events
-from schemas.settings import IngestSettings, KafkaSettings, ReservationSettings, TopicSettings
+from schemas.settings import KafkaSettings, ReservationSettings, TopicSettings
 from sinks.clickhouse.connection import ClickHouse
 from sinks.clickhouse.reader import MeterReader
 
@@ -32,10 +31,9 @@ pytestmark = pytest.mark.integration
 def _holds(
     store: PostgresStore, ch: ClickHouse, kafka: KafkaSettings, topics: TopicSettings, events_topic_id: str
 ) -> tuple[ReservationService, EventProducer]:
-    settings = IngestSettings.model_construct().model_copy(update={"kafka": kafka, "topics": topics})
     producer = EventProducer(kafka.to_librdkafka(), topics.events, 1500, 0)
     policy = IngestPolicy(DEFAULT_USAGE_EVENT_TYPE, 1000, timedelta(hours=1))
-    events = IngestUsageEvents(IngestService(settings, producer), policy, producer, events_topic_id)
+    events = IngestUsageEvents(policy, producer, events_topic_id)
     reader = MeterReader(ch)
     holds = ReservationService(
         control=ControlService(store, reader),
