@@ -224,6 +224,7 @@ class ReservationService:
         # PostgreSQL (across processes): a burst for one subject waits here, not holding pool connections.
         async with self._queues.hold(subject_key), self._store.tx() as tx:
             await tx.lock_subject(subject_key)
+            now = self._control.now()  # after the wait: holds expire, and this one's TTL starts, from here
             # Read before the usage: every event applied by now is in the usage read next.
             applied = await asyncio.to_thread(self._clock.applied_offsets)
             state = await self._state(tx, subject_key, rid, now, applied)
