@@ -1,8 +1,8 @@
 """``python -m bench [scenario ...] [--smoke] [options]``: run the benchmarks, print one table.
 
-Scenarios: ingest, processing, freshness, query (the default set), and soak (only when named). Raw
-results go to bench/results/bench-<time>.json. Benchmarks measure; they never fail on a timing (a
-scenario that cannot run at all is an error).
+Scenarios: ingest, processing, freshness, limits, access, reservations, query (the default set), and soak
+(only when named). Raw results go to bench/results/bench-<time>.json. Benchmarks measure; they never fail
+on a timing (a scenario that cannot run at all is an error).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "freshness": scenarios.freshness,
     "limits": scenarios.limits,
     "access": scenarios.access,
+    "reservations": scenarios.reservations,
     "query": scenarios.query,
     "soak": scenarios.soak,
 }
-DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "query")
+DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "query")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -54,6 +54,17 @@ class Sizes:
     quix_events: int = 200_000
     freshness_seconds: float = 60.0
     freshness_events_per_s: float = 2000.0
+    #: Reservations (reserve, then commit) per second of the paced runs, for how long, over how many subjects.
+    reservation_rate: float = 500.0
+    reservation_seconds: float = 8.0
+    reservation_subjects: int = 200
+    #: The steady ingest load beside the paced reservations (events/s).
+    reservation_ingest_events_per_s: float = 1000.0
+    #: Closed-loop clients of the saturation runs, and each run's seconds.
+    reservation_clients: tuple[int, ...] = (16, 32)
+    reservation_saturation_s: float = 3.0
+    #: Reserves (each then committed) timed one at a time for the breakdown.
+    reservation_breakdown: int = 40
     query_events: int = 10_000_000
     query_subjects: int = 10_000
     query_days: int = 30
@@ -89,6 +100,13 @@ SMOKE = Sizes(
     quix_events=2_000,
     freshness_seconds=8.0,
     freshness_events_per_s=500.0,
+    reservation_rate=100.0,
+    reservation_seconds=2.0,
+    reservation_subjects=20,
+    reservation_ingest_events_per_s=200.0,
+    reservation_clients=(8,),
+    reservation_saturation_s=1.5,
+    reservation_breakdown=30,
     query_events=100_000,
     query_subjects=500,
     query_runs=10,
@@ -920,6 +938,285 @@ def access(sizes: Sizes, work: Path) -> list[Row]:
             )
         )
     return rows
+
+
+# -- 3d. reservations: reserve before a call, commit after it -----------------------------------------------
+
+
+def _resv_summary(result: Any) -> dict[str, Any]:
+    return {
+        "reservations": result.reservations,
+        "issued": result.issued,
+        "unfinished": result.unfinished,
+        "per_s": result.per_s,
+        "reserve_p50_ms": ms(percentile(result.reserve_s, 50)),
+        "reserve_p99_ms": ms(percentile(result.reserve_s, 99)),
+        "settle_p50_ms": ms(percentile(result.commit_s, 50)),
+        "settle_p99_ms": ms(percentile(result.commit_s, 99)),
+        "denied": result.denied,
+        "failed": result.failed,
+        "statuses": result.statuses,
+        "errors": result.errors,
+        "client_cpu_cores": round(result.client_cpu_cores, 3),
+    }
+
+
+def _quiet(pid: int, timeout_s: float = 20.0, below_cores: float = 0.15) -> float:
+    """Wait until the process (the sink) is idle: a run's last answers and its commits' events are through
+    before the next run is measured. Returns the seconds waited."""
+    import psutil
+
+    proc, started = psutil.Process(pid), time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if proc.cpu_percent(0.5) / 100 < below_cores:
+            break
+    return time.monotonic() - started
+
+
+def reservations(sizes: Sizes, work: Path) -> list[Row]:
+    """Reserve, then commit the actual usage, at a steady rate (open loop) over many subjects, each with a
+    large entitlement from the default plan, beside a steady ingest load; the same reservations done the
+    naive way in plain PostgreSQL (check-then-increment on a ``(subject, used, lim)`` row) against the same
+    PostgreSQL server, at the same pace and under the same load; Meterstream again at half the rate it
+    completed, when it did not keep up; then both at saturation (closed loop, reserve + release, no ingest
+    load); then where one reserve's and one commit's time goes (bench/reservations.py)."""
+    from bench import reservations as resv
+
+    stack = bench_stack(work / "reservations", METERSTREAM_SINK_DEFAULT_PLAN="bench")
+    stack.start_broker()
+    stack.start_control()
+    stack.start_sink()
+    stack.start_processors(1)
+    stack.start_ingest()
+    rate, seconds, n = sizes.reservation_rate, sizes.reservation_seconds, sizes.reservation_subjects
+    subjects = tuple(f"resv-{i:05d}" for i in range(n))
+    plenty = 10**15  # tokens: no reservation of this run is ever denied for want of room
+    saturation: dict[tuple[str, int], dict[str, Any]] = {}
+    paced: dict[str, dict[str, Any]] = {}
+    grace = 2.0
+    try:
+        dsn = stack.postgres.uri
+        with httpx.Client(base_url=stack.query_url, timeout=30) as admin:
+            feature = {"key": "tokens", "name": "Tokens", "meterSlug": "tokens_total"}
+            assert admin.post("/api/v1/features", json=feature).status_code == 201
+            template = {"type": "metered", "featureKey": "tokens", "issueAfterReset": plenty,
+                        "usagePeriod": {"interval": "MONTH", "anchor": "2026-01-01T00:00:00Z"}}  # fmt: skip
+            plan = admin.put("/api/v1/plans/bench", json={"name": "Bench", "entitlements": [template]})
+            assert plan.status_code == 201, plan.text
+        resv.naive_setup(dsn, subjects, plenty)
+
+        def target(prefix: str) -> Any:
+            return resv.Target("127.0.0.1", stack.sink_port, subjects, prefix)
+
+        # Every subject's first reserve applies the default plan (makes its entitlement): done before measuring.
+        warm = resv.in_process(resv.closed, target("warm-"), 8, 300.0, 0.0, n)
+        if warm.failed or warm.denied or warm.reservations < n:
+            raise RuntimeError(f"reservations warm-up: {_resv_summary(warm)}")
+        pids = stack.pids() | {"postgres": stack.postgres.pid}
+        sink_pid = pids["sink"]
+
+        def under_load(name: str, run: Any, *args: Any) -> dict[str, Any]:
+            """One paced run with the steady ingest load beside it (a process start, a second of warm-up, the
+            run and its grace)."""
+            _quiet(sink_pid)
+            events_per_s = sizes.reservation_ingest_events_per_s
+            load = _steady_load(stack, events_per_s, 2.5 + 1.0 + seconds + grace, f"resv-{name}-")
+            time.sleep(1.0)
+            sampler = ProcessSampler(pids).start()
+            result = resv.in_process(run, *args)
+            usage = usage_dict(sampler.stop())
+            if run is resv.naive_paced:  # its connections closed before the sample ended: their CPU is not seen
+                usage.pop("postgres", None)
+            loaded = load.join()
+            summary = _resv_summary(result) | {
+                "processes": usage,
+                "ingest_events_per_s": loaded.events_per_s,
+                "ingest_p99_ms": ms(percentile(loaded.latencies_s, 99)),
+                "ingest_failed": loaded.requests_failed,
+            }
+            log(f"reservations {name}: {summary}")
+            return summary
+
+        paced["naive"] = under_load("naive", resv.naive_paced, dsn, subjects, rate, seconds, 1.0, grace)
+        paced["Meterstream"] = under_load("paced", resv.paced, target("paced-"), rate, seconds, 1.0, grace)
+        kept_up = paced["Meterstream"]["unfinished"] == 0 and paced["Meterstream"]["per_s"] >= 0.95 * rate
+        if not kept_up:
+            lower = max(2.0, round(paced["Meterstream"]["per_s"] / 2))
+            paced["lower"] = under_load("lower", resv.paced, target("lower-"), lower, seconds, 1.0, grace)
+            paced["lower"]["rate"] = lower
+        for clients in sizes.reservation_clients:
+            for name, run, args in (
+                ("Meterstream", resv.closed, (target(f"sat{clients}-"), clients, sizes.reservation_saturation_s)),
+                ("naive", resv.naive_closed, (dsn, subjects, clients, sizes.reservation_saturation_s)),
+            ):
+                _quiet(sink_pid)
+                sampler = ProcessSampler(pids).start()
+                result = resv.in_process(run, *args)
+                usage = usage_dict(sampler.stop())
+                if name == "naive":  # its connections closed before the sample ended: their CPU is not seen
+                    usage.pop("postgres", None)
+                saturation[(name, clients)] = _resv_summary(result) | {"processes": usage}
+                log(f"reservations saturation c={clients} {name}: {saturation[(name, clients)]}")
+        _quiet(sink_pid)
+        parts = _reserve_breakdown(stack, subjects, sizes.reservation_breakdown)
+        log(f"reservations breakdown: {parts}")
+    finally:
+        stack.stop()
+    _print_breakdown(parts)
+
+    o, b = paced["Meterstream"], paced["naive"]
+    beside = f"beside {o['ingest_events_per_s']:,.0f} events/s ingest"
+    at = f"{rate:,.0f}/s open loop, {n} subjects, {beside}"
+    tx = "plain PostgreSQL: SELECT ... FOR UPDATE, UPDATE"
+    late = ""
+    if o["unfinished"]:
+        late = f"; {o['unfinished']:,} of {o['issued']:,} unanswered {grace:.0f}s after the run: a lower bound"
+    rows = [
+        Row("reservations", f"reserve latency p50 (from its due time), {at}{late}", "ms", o["reserve_p50_ms"],
+            b["reserve_p50_ms"], tx, higher_is_better=False, details=paced),
+        Row("reservations", f"reserve latency p99 (from its due time), {at}{late}", "ms", o["reserve_p99_ms"],
+            b["reserve_p99_ms"], tx, higher_is_better=False, target="<= 5 ms",
+            met=o["reserve_p99_ms"] is not None and o["reserve_p99_ms"] <= 5.0),
+        Row("reservations", f"commit latency p50 (from its send), {at}{late}", "ms", o["settle_p50_ms"],
+            b["settle_p50_ms"], "plain PostgreSQL: UPDATE used", higher_is_better=False),
+        Row("reservations", f"commit latency p99 (from its send), {at}{late}", "ms", o["settle_p99_ms"],
+            b["settle_p99_ms"], "plain PostgreSQL: UPDATE used", higher_is_better=False),
+        Row("reservations", f"reservations/s completed (reserve + commit), {at}", "per s", o["per_s"],
+            b["per_s"], tx),
+        Row("reservations", f"reserves denied (429), reserves or commits failed (error), {at}", "count",
+            o["denied"] + o["failed"], b["denied"] + b["failed"], tx, higher_is_better=False,
+            target="0", met=o["denied"] + o["failed"] == 0),
+    ]  # fmt: skip
+    if "lower" in paced:
+        low = paced["lower"]
+        at_low = f"{low['rate']:,.0f}/s open loop (half what it completed at {rate:,.0f}/s), {n} subjects, {beside}"
+        if low["unfinished"]:
+            at_low += f"; {low['unfinished']:,} of {low['issued']:,} unanswered: a lower bound"
+        for stat in ("p50", "p99"):
+            rows.append(
+                Row("reservations", f"reserve latency {stat}, {at_low}", "ms", low[f"reserve_{stat}_ms"],
+                    target="<= 5 ms" if stat == "p99" else "",
+                    met=low["reserve_p99_ms"] is not None and low["reserve_p99_ms"] <= 5.0 if stat == "p99" else None)
+            )  # fmt: skip
+        rows.append(Row("reservations", f"commit latency p99, {at_low}", "ms", low["settle_p99_ms"]))
+        rows.append(Row("reservations", f"reserves denied (429), reserves or commits failed (error), {at_low}", "count",
+                        low["denied"] + low["failed"], target="0", met=low["denied"] + low["failed"] == 0))  # fmt: skip
+    for clients in sizes.reservation_clients:
+        ours_sat, naive_sat = saturation[("Meterstream", clients)], saturation[("naive", clients)]
+        cpu = ours_sat["processes"]
+        rows.append(
+            Row(
+                "reservations",
+                f"saturation, {clients} clients closed loop, reserve + release, no ingest load (sink CPU "
+                f"{cpu['sink']['cpu_cores']:.2f}, PostgreSQL CPU {cpu['postgres']['cpu_cores']:.2f} cores)",
+                "per s",
+                ours_sat["per_s"],
+                naive_sat["per_s"],
+                "plain PostgreSQL: conditional UPDATE, UPDATE",
+                details={"Meterstream": ours_sat, "naive": naive_sat},
+            )
+        )
+    for operation, what in (
+        ("reserve", "one reserve alone over HTTP (after a commit: the subject's windows changed)"),
+        ("commit", "one commit alone over HTTP"),
+        ("reserve, windows unchanged", "one reserve alone over HTTP (after a release: windows unchanged)"),
+    ):
+        alone = parts[operation]
+        rows.append(
+            Row("reservations", f"{what}, mean (nothing else in flight; instrumented sink)", "ms",
+                alone["http_mean_ms"], alone["in_service_mean_ms"],
+                f"time inside ReservationService.{operation.split(',')[0]}", higher_is_better=False, details=alone)
+        )  # fmt: skip
+    return rows
+
+
+def _reserve_breakdown(stack: BenchStack, subjects: tuple[str, ...], n: int) -> dict[str, Any]:
+    """Reserve + commit one at a time against a second sink process (its own consumer group and windows, the
+    same PostgreSQL and broker) started with every part of a reserve and a commit timed
+    (bench/reservations.py ``instrumented_sink``): the client's HTTP latency, the time inside the service,
+    and the parts of it. The stack's own sink, measured above, runs uninstrumented."""
+    import os
+    import signal
+
+    from bench import reservations as resv
+    from bench.common import ROOT
+    from meterstream.broker import free_port
+    from tests.helpers.stack import wait_ready
+
+    stack.replica_ports = [free_port()]
+    out = stack.base / "breakdown-clock.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, **stack.replica_env(0), resv.CLOCK_ENV: str(out)}
+    command = [sys.executable, "-c", "from bench.reservations import instrumented_sink; instrumented_sink()"]
+    with (stack.base / "sink-breakdown.log").open("ab") as log_file:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{stack.replica_ports[0]}"
+        wait_ready(f"{url}/readyz", 180, process)
+        # Caught up with the main sink (it reads the windows topic from the start), so its own writes are done.
+        with httpx.Client(base_url=url, timeout=30) as client:
+            want, deadline = stack.stored_requests(), time.monotonic() + 60
+            while time.monotonic() < deadline:
+                got = orjson.loads(client.get("/api/v1/meters/requests/query").content)["data"]
+                if sum(Decimal(str(r["value"])) for r in got) >= want:
+                    break
+                time.sleep(0.2)
+        port = stack.replica_ports[0]
+        resv.in_process(resv.sequential, resv.Target("127.0.0.1", port, subjects, "bd-warm-"), 20, 0)
+        process.send_signal(signal.SIGUSR2)  # the warm-up's timings are dropped
+        time.sleep(0.3)
+        http = resv.in_process(resv.sequential, resv.Target("127.0.0.1", port, subjects, "bd-"), n, 0)
+        dump = _clock_dump(process, out)
+        # Then reserve + release on a few subjects in turn: their windows do not change, so from the second
+        # round on a reserve may reuse the usage it read (the sink's write version is unchanged).
+        _quiet(process.pid)
+        process.send_signal(signal.SIGUSR2)
+        time.sleep(0.3)
+        few = resv.Target("127.0.0.1", port, subjects[:10], "bd-rel-")
+        released = resv.in_process(resv.sequential, few, n, 0, "release")
+        unchanged = _clock_dump(process, out)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    summary = resv.summarize_clock(dump, {"reserve": n, "commit": n}, http)
+    summary["reserve, windows unchanged"] = resv.summarize_clock(unchanged, {"reserve": n}, released)["reserve"]
+    return summary
+
+
+def _clock_dump(process: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    """The instrumented sink's timings so far (it writes them on SIGUSR1)."""
+    import signal
+
+    out.unlink(missing_ok=True)
+    process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def _print_breakdown(parts: dict[str, Any]) -> None:
+    for key, b in parts.items():
+        operation = key.split(",")[0]
+        if key == "reserve, windows unchanged":
+            print("\nAnd reserves released at once, on 10 subjects in turn (their windows do not change):", end="")
+        print(f"\nWhere one {operation}'s time goes ({b['count']} one at a time, nothing else in flight): over HTTP "
+              f"p50 {b['http_p50_ms']:.2f} ms, mean {b['http_mean_ms']:.2f} ms; inside the service mean "
+              f"{b['in_service_mean_ms']:.2f} ms (so HTTP, routing, JSON and validation: "
+              f"{b['http_mean_ms'] - b['in_service_mean_ms']:.2f} ms):")  # fmt: skip
+        print(f"| part | ms per {operation} | calls per {operation} | share of the time inside the service |")
+        print("|---|---|---|---|")
+        for part, p in b["parts"].items():
+            share = f"{p['share']:.0%}" if p["share"] is not None else "-"
+            print(f"| {part} | {p['ms']:.3f} | {p['calls']:g} | {share} |")
+        print(f"| not timed (the rules, pydantic, the event loop) | {b['untimed_in_service_mean_ms']:.3f} | | |")
+    print()
 
 
 # -- 4. query --------------------------------------------------------------------------------------------

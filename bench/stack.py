@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import orjson
 
+from bench.common import OWN_ROOTS
 from meterstream.topics import ensure_topics
 from schemas.settings import KafkaSettings, TopicSettings
 from tests.helpers.stack import MultiProcessStack, Service, wait_ready
@@ -37,6 +38,7 @@ class BenchStack(MultiProcessStack):
         from meterstream.pgserver import EmbeddedPostgres
 
         self.postgres = EmbeddedPostgres.start(self.base / "postgres")
+        OWN_ROOTS.add(self.postgres.pid)  # the server daemonises: not a child, yet not another process's load
         return self
 
     @property
