@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import tomllib
+import typing
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -219,7 +220,9 @@ def unknown_variables(cls: type[BaseSettings], env: Mapping[str, str]) -> list[s
             if field is None:
                 unknown.append(key)
                 break
-            annotation = field.annotation
+            # ``KafkaSettings | None``: the model inside an optional field is read the same way.
+            options = [a for a in (typing.get_args(field.annotation) or (field.annotation,)) if a is not type(None)]
+            annotation = options[0] if len(options) == 1 else None
             model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return unknown
 
