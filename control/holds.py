@@ -11,8 +11,9 @@ Exactness (see ``control/README.md``, "Reservations"):
   the pipeline's dedupe) and keeps it in PostgreSQL with the commit, so it survives a crash before the
   broker has it: a relay sends what was not acknowledged (at least once; the id makes it exactly once).
 - The broker's acknowledgement gives the event's offset. A commit counts as pending until the sink has
-  applied that offset, and from then on only the windows count it: the applied offsets are read before
-  the usage, so an event applied by then is in that usage (never both, never neither).
+  applied that offset, and from then on only the windows count it: the applied offsets and the usage are
+  read as one snapshot (between two equal write versions of the subject), so never both, never neither. A
+  commit whose position is not recorded yet is looked up in the audit log by its id.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, Final, Protocol
 from control import engine, sizing
 from control.inputs import CommitIn, EstimateIn, ReserveIn
 from control.model import Entitlement, Feature, Grant, HoldLine, Reservation, ReservationStatus, UsageReset
-from control.service import ControlService, current_period, new_id, not_found
+from control.service import ControlService, current_period, new_id, not_found, with_stored_positions
 from control.store import ControlTx, ReserveState, StoreUnavailable
 from schemas.estimate import EstimateError, TokenBound, bound_request
 from schemas.meters import find_meter
@@ -43,10 +44,13 @@ from schemas.usage import canonical_provider
 log = logging.getLogger(__name__)
 
 ZERO: Final = Decimal(0)
+#: Tries at reading the usage and the applied offsets as one snapshot.
+SNAPSHOT_ATTEMPTS: Final = 3
 #: Most cached usage reads kept (a few hundred bytes each).
 MAX_CACHED: Final = 100_000
-#: A commit whose event the broker has not acknowledged this long after it is sent again by the relay.
-RELAY_AFTER: Final = timedelta(seconds=2)
+#: A commit whose event the broker has not acknowledged this long after it is sent again by the relay (longer
+#: than a request's own produce may take, so the two rarely both send; when they do, see ``mark_sent``).
+RELAY_AFTER: Final = timedelta(seconds=15)
 
 
 class EmitFailed(Exception):
@@ -225,7 +229,8 @@ class ReservationService:
         async with self._queues.hold(subject_key), self._store.tx() as tx:
             await tx.lock_subject(subject_key)
             now = self._control.now()  # after the wait: holds expire, and this one's TTL starts, from here
-            # Read before the usage: every event applied by now is in the usage read next.
+            # For the open reservations' query only (it leaves out commits applied by then); the decision reads
+            # its own snapshot of offsets and usage.
             applied = await asyncio.to_thread(self._clock.applied_offsets)
             state = await self._state(tx, subject_key, rid, now, applied)
             existing = state.existing
@@ -311,12 +316,31 @@ class ReservationService:
         now: datetime,
     ) -> list[LineView]:
         """What is left on each target, and whether the call fits it."""
+        if not targets:
+            return []
+        subject = targets[0].ent.subject_key
+        # The windows' usage and the applied offsets must be one snapshot: an offset read before a write the
+        # usage then includes would count that write's commits twice, one read after it would miss them.
+        # Read both between two equal write versions of the subject (or two equal sets of offsets).
+        balances: list[tuple[Decimal, tuple[datetime, datetime]]] = []
+        reservations = state.reservations
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            version = self._clock.usage_version(subject)
+            applied = await asyncio.to_thread(self._clock.applied_offsets)
+            balances = [
+                await self._balance(t, state.grants.get(t.ent.id, []), state.resets.get(t.ent.id, []), now)
+                for t in targets
+            ]
+            reservations = await self._with_positions(state.reservations)
+            if version is not None and self._clock.usage_version(subject) == version:
+                break
+            if version is None and await asyncio.to_thread(self._clock.applied_offsets) == applied:
+                break
+            await asyncio.sleep(0.005)  # a write was under way: let it finish
+        # (After the last attempt the offsets read first stand: a commit may then count twice, never not at all.)
         views = []
-        for t in targets:
-            grants = state.grants.get(t.ent.id, [])
-            resets = state.resets.get(t.ent.id, [])
-            left, (period_start, period_end) = await self._balance(t, grants, resets, now)
-            out = sizing.outstanding(t.ent.id, state.reservations, applied, period_start, now)
+        for t, (left, (period_start, period_end)) in zip(targets, balances, strict=True):
+            out = sizing.outstanding(t.ent.id, reservations, applied, period_start, now)
             available = left - out.held - out.pending
             unlimited = t.ent.is_unlimited or t.ent.is_soft_limit
             amount = t.amount
@@ -331,6 +355,11 @@ class ReservationService:
             shown = available - amount if fits else max(ZERO, available)
             views.append(LineView(line, shown, over, fits, frees, available))
         return views
+
+    async def _with_positions(self, reservations: Sequence[Reservation]) -> list[Reservation]:
+        """Commits whose event position is not recorded yet (its send is in flight, or failed) with the
+        position the audit log has for it, if it is stored: it may already be in the windows."""
+        return await with_stored_positions(self._control.usage, self._settings.event_source, reservations)
 
     async def _balance(
         self, t: _Target, grants: Sequence[Grant], resets: Sequence[UsageReset], now: datetime

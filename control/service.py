@@ -39,6 +39,7 @@ from control.model import (
     Grant,
     Plan,
     Reservation,
+    ReservationStatus,
     Subject,
     SubjectPlan,
     UsageReset,
@@ -63,6 +64,10 @@ class UsageReader(Protocol):
 
     def applied_offsets(self) -> Mapping[tuple[str, int], int]:
         """The last events-topic offset applied to the windows, per (topic id, partition)."""
+        ...
+
+    def event_positions(self, source: str, ids: Sequence[str]) -> Mapping[str, tuple[str, int, int]]:
+        """Where the stored events with these ids (of ``source``) came from: (topic id, partition, offset)."""
         ...
 
 
@@ -141,12 +146,15 @@ class ControlService:
         usage: UsageReader,
         default_plan: str | None = None,
         horizon: timedelta = timedelta(hours=1),
+        reservation_source: str = "meterstream/reservations",
     ) -> None:
         self.store = store
         self._usage = usage
         self._default_plan = default_plan
         #: How far back a reservation's commit may still be missing from the windows (README "Reservations").
         self.horizon = horizon
+        #: The CloudEvents source of reservations' usage events.
+        self.reservation_source = reservation_source
 
     @staticmethod
     def now() -> datetime:
@@ -648,9 +656,15 @@ class ControlService:
                 total_available=ZERO,
                 unpriced_requests=ZERO if money else None,  # a cost feature always reports it
             )
-        # Read before the usage, so a commit applied by then is in it (control/sizing.py, outstanding).
-        applied = await asyncio.to_thread(self._usage.applied_offsets) if reservations else {}
-        balance, _ = await self.replay(ent, feature, grants, resets, t)
+        # The usage and the applied offsets as one snapshot (equal offsets before and after the usage read),
+        # so a commit counts either in the usage or as pending (control/sizing.py, outstanding).
+        applied: Mapping[tuple[str, int], int] = {}
+        for _ in range(3):
+            applied = await asyncio.to_thread(self._usage.applied_offsets) if reservations else {}
+            balance, _ = await self.replay(ent, feature, grants, resets, t)
+            reservations = await with_stored_positions(self._usage, self.reservation_source, reservations)
+            if not reservations or await asyncio.to_thread(self._usage.applied_offsets) == applied:
+                break
         out = sizing.outstanding(ent.id, reservations, applied, balance.last_reset, t)
         unpriced = None
         meter = find_meter(feature.meter_slug or "")
@@ -864,6 +878,18 @@ class ControlService:
             await tx.insert_entitlement(ent)
             if grant is not None:
                 await tx.insert_grant(grant)
+
+
+async def with_stored_positions(
+    usage: UsageReader, source: str, reservations: Sequence[Reservation]
+) -> list[Reservation]:
+    """``reservations`` with the audit log's position for each commit whose position is not recorded (its
+    send in flight, or failed): the event may be stored already, and then it is applied at that offset."""
+    unknown = [r.id for r in reservations if r.status is ReservationStatus.COMMITTED and r.event_position is None]
+    if not unknown:
+        return list(reservations)
+    found = await asyncio.to_thread(usage.event_positions, source, unknown)
+    return [replace(r, event_position=found[r.id]) if r.id in found else r for r in reservations]
 
 
 def _template_input(template: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def outstanding(
     A hold counts until it expires, in whatever period (its usage, if it comes, is recorded at commit time,
     in the current period). A commit counts until the sink has applied its event (then the windows count
     it) and only in the period its event time (the commit time) falls in: never both, never neither —
-    provided ``applied`` was read *before* the windows' usage, so anything applied by then is in it.
+    provided ``applied`` and the windows' usage are one snapshot (no write to the subject's windows between
+    the two reads).
     """
     held = pending = ZERO
     expiry: datetime | None = None

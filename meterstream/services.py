@@ -120,8 +120,8 @@ def make_control(
     usage; none without a store."""
     if store is None:
         return Control([])
-    horizon = reserving[2].horizon if reserving is not None else ReservationSettings().horizon
-    control = ControlService(store, reader, default_plan, horizon)
+    settings_ = reserving[2] if reserving is not None else ReservationSettings()
+    control = ControlService(store, reader, default_plan, settings_.horizon, settings_.event_source)
     routes: list[BaseRoute] = [*control_routes(control), *access_routes(KeyService(store))]
     if reserving is None:
         return Control(routes)

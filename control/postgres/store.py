@@ -776,10 +776,15 @@ class PgTx:
         )
 
     async def mark_sent(self, reservation_id: str, position: tuple[str, int, int], at: datetime) -> None:
+        """Record where the broker stored the commit's event. Sent twice (the request and the relay racing),
+        its copies sit in one partition and the sink counts the first it applies, the lower offset: keep that
+        one, so the commit stops counting as pending exactly when its usage is in the windows."""
+        topic, partition, offset = position
         await self._conn.execute(
-            b"UPDATE reservations SET sent_at = %s, event_topic = %s, event_partition = %s, event_offset = %s "
-            b"WHERE id = %s",
-            (at, *position, reservation_id),
+            b"UPDATE reservations SET sent_at = COALESCE(sent_at, %(at)s), event_offset = CASE "
+            b"WHEN event_offset IS NULL OR event_topic <> %(t)s OR event_partition <> %(p)s THEN %(o)s "
+            b"ELSE LEAST(event_offset, %(o)s) END, event_topic = %(t)s, event_partition = %(p)s WHERE id = %(id)s",
+            {"at": at, "t": topic, "p": partition, "o": offset, "id": reservation_id},
         )
 
     async def unsent_commits(self, committed_before: datetime, limit: int) -> list[Reservation]:

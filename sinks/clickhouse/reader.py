@@ -286,6 +286,16 @@ class MeterReader:
         )
         return {(topic, int(partition)): int(offset) for topic, partition, offset in result.result_rows}
 
+    def event_positions(self, source: str, ids: Sequence[str]) -> dict[str, tuple[str, int, int]]:
+        """Where stored events of ``source`` with these ids came from (topic id, partition, offset). The audit
+        row is written before its windows: the event is in them once that offset is applied."""
+        result = self._query(
+            "SELECT id, src_topic, src_partition, src_offset FROM usage_events FINAL "
+            "WHERE source = {source:String} AND id IN {ids:Array(String)}",
+            {"source": source, "ids": list(ids)},
+        )
+        return {i: (t, int(p), int(o)) for i, t, p, o in result.result_rows}
+
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
         sql, params = list_events_sql(f)
         result = self._query(sql, params)
