@@ -243,7 +243,7 @@ class ReservationService:
                 if await tx.feature(key, include_archived=False) is None:
                     raise bad(f"amounts.{key}", f"no such feature: {key}")
             targets = self._targets(state, inp, call)
-            lines = await self._decide(state, targets, applied, now)
+            lines = await self._decide(state, targets, now)
             granted = all(v.fits for v in lines)
             reservation = Reservation(
                 id=rid,
@@ -298,7 +298,7 @@ class ReservationService:
         assert call is not None
         assert inp.provider is not None
         assert inp.model is not None
-        provider, model = _canonical_provider(inp.provider), inp.model.strip()
+        provider, model = canonical_provider(inp.provider), inp.model.strip()
         for ent in live:
             feature = features[ent.id]
             if not _matches(feature, provider, model):
@@ -312,7 +312,6 @@ class ReservationService:
         self,
         state: ReserveState,
         targets: Sequence[_Target],
-        applied: Mapping[tuple[str, int], int],
         now: datetime,
     ) -> list[LineView]:
         """What is left on each target, and whether the call fits it."""
@@ -331,7 +330,9 @@ class ReservationService:
                 await self._balance(t, state.grants.get(t.ent.id, []), state.resets.get(t.ent.id, []), now)
                 for t in targets
             ]
-            reservations = await self._with_positions(state.reservations)
+            reservations = await with_stored_positions(
+                self._control.usage, self._settings.event_source, state.reservations
+            )
             if version is not None and self._clock.usage_version(subject) == version:
                 break
             if version is None and await asyncio.to_thread(self._clock.applied_offsets) == applied:
@@ -355,11 +356,6 @@ class ReservationService:
             shown = available - amount if fits else max(ZERO, available)
             views.append(LineView(line, shown, over, fits, frees, available))
         return views
-
-    async def _with_positions(self, reservations: Sequence[Reservation]) -> list[Reservation]:
-        """Commits whose event position is not recorded yet (its send is in flight, or failed) with the
-        position the audit log has for it, if it is stored: it may already be in the windows."""
-        return await with_stored_positions(self._control.usage, self._settings.event_source, reservations)
 
     async def _balance(
         self, t: _Target, grants: Sequence[Grant], resets: Sequence[UsageReset], now: datetime
@@ -558,10 +554,6 @@ def _matches(feature: Feature, provider: str, model: str) -> bool:
     return all(values.get(k) == v for k, v in feature.filters.items())
 
 
-def _canonical_provider(provider: str) -> str:
-    return canonical_provider(provider)  # genai-prices' provider ids, as ingest stores them
-
-
 def _price_context(request: Mapping[str, Any]) -> dict[str, str]:
     tier = request.get("service_tier")
     return {"service_tier": tier} if isinstance(tier, str) and tier not in ("auto", "default") else {}
@@ -585,7 +577,7 @@ def _event_data(r: Reservation, usage: Mapping[str, Any]) -> Any:
 
 
 def _same_provider(a: Any, b: str) -> bool:
-    return isinstance(a, str) and _canonical_provider(a) == _canonical_provider(b)
+    return isinstance(a, str) and canonical_provider(a) == canonical_provider(b)
 
 
 def _plain(value: Any) -> Any:

@@ -142,10 +142,10 @@ def make_usage_events(
 ) -> tuple[IngestUsageEvents, EventProducer]:
     """The ingest path for reservations' commits in a process other than ingest (its own producer)."""
     ensure_topics(kafka, topics)
-    defaults = IngestSettings.model_construct()
+    # Ingest's own defaults for the producer and the event checks (this process has no ingest settings).
+    defaults = IngestSettings.model_construct(usage_event_type=usage_event_type)
     producer = EventProducer(kafka.to_librdkafka(), topics.events, defaults.produce_timeout_ms, defaults.linger_ms)
-    settings = defaults.model_copy(update={"kafka": kafka, "topics": topics, "usage_event_type": usage_event_type})
-    return IngestUsageEvents(_policy(settings), producer, topic_id(kafka, topics.events)), producer
+    return IngestUsageEvents(_policy(defaults), producer, topic_id(kafka, topics.events)), producer
 
 
 def _policy(settings: IngestSettings) -> IngestPolicy:

@@ -459,10 +459,7 @@ class PgTx:
         rows = await self._all(
             "SELECT * FROM usage_resets WHERE entitlement_id = %s ORDER BY reset_at", (entitlement_id,)
         )
-        return [
-            UsageReset(r["entitlement_id"], r["reset_at"], r["retain_anchor"], r["preserve_overage"], r["created_at"])
-            for r in rows
-        ]
+        return [_reset(r) for r in rows]
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -508,11 +505,7 @@ class PgTx:
 
     async def subject_plan(self, subject_key: str) -> SubjectPlan | None:
         row = await self._one("SELECT * FROM subject_plans WHERE subject_key = %s", (subject_key,))
-        if row is None:
-            return None
-        return SubjectPlan(
-            row["subject_key"], row["plan_key"], row["plan_version"], row["assigned_at"], row["is_default"]
-        )
+        return _subject_plan(row) if row is not None else None
 
     async def set_subject_plan(self, sp: SubjectPlan) -> None:
         await self._conn.execute(
@@ -625,14 +618,12 @@ class PgTx:
         rows = await self._all(f"SELECT * FROM reservations WHERE {where} ORDER BY created_at, id{lock}", params)
         if not rows:
             return []
-        lines: dict[str, list[HoldLine]] = {}
-        for ln in await self._all(
-            "SELECT * FROM reservation_lines WHERE reservation_id = ANY(%s) ORDER BY feature_key",
-            ([r["id"] for r in rows],),
-        ):
-            lines.setdefault(ln["reservation_id"], []).append(
-                HoldLine(ln["entitlement_id"], ln["feature_key"], ln["amount"], ln["is_soft_limit"], ln["actual"])
+        lines = _lines(
+            await self._all(
+                "SELECT * FROM reservation_lines WHERE reservation_id = ANY(%s) ORDER BY feature_key",
+                ([r["id"] for r in rows],),
             )
+        )
         return [_reservation(r, lines.get(r["id"], [])) for r in rows]
 
     async def reservation(self, reservation_id: str) -> Reservation | None:
@@ -648,8 +639,7 @@ class PgTx:
     ) -> list[Reservation]:
         """Holds not expired at ``now``, and commits since ``committed_since`` (or never acknowledged by the
         broker) whose event is past ``applied`` (the windows' applied offsets; None: every such commit)."""
-        sql, params = self._open_sql(subject_key, now, committed_since, applied)
-        return await self._reservations(sql.removeprefix("SELECT * FROM reservations WHERE "), params)
+        return await self._reservations(*self._open_where(subject_key, now, committed_since, applied))
 
     async def reserve_state(
         self,
@@ -663,7 +653,8 @@ class PgTx:
     ) -> ReserveState:
         """Everything a reserve decides on, read with one round trip (a pipeline of independent reads, each
         seeing every transaction committed before it: call it after the subject's lock is held)."""
-        sql_open, params_open = self._open_sql(subject_key, now, committed_since, applied)
+        where_open, params_open = self._open_where(subject_key, now, committed_since, applied)
+        sql_open = f"SELECT * FROM reservations WHERE {where_open}"
         live = "SELECT id FROM entitlements WHERE subject_key = %s AND deleted_at IS NULL AND type = 'metered'"
         async with self._conn.pipeline() as pipeline:
             c_plan = await self._conn.execute(b"SELECT * FROM subject_plans WHERE subject_key = %s", (subject_key,))
@@ -725,7 +716,7 @@ class PgTx:
         )
 
     @staticmethod
-    def _open_sql(
+    def _open_where(
         subject_key: str, now: datetime, committed_since: datetime, applied: Mapping[tuple[str, int], int] | None
     ) -> tuple[str, dict[str, Any]]:
         where = (
@@ -740,7 +731,7 @@ class PgTx:
                 "AS a(t, p, o) WHERE a.t = event_topic AND a.p = event_partition), -1)"
             )
             params |= {"t": [k[0] for k in applied], "p": [k[1] for k in applied], "o": list(applied.values())}
-        return "SELECT * FROM reservations WHERE " + where.format(past=past), params
+        return where.format(past=past), params
 
     async def expire_holds(self, now: datetime, limit: int = 1000) -> int:
         """Tidy-up only: an expired hold stops counting by its time alone; marking it keeps the open set small."""
