@@ -477,6 +477,7 @@ class ReservationService:
                 )
         if committed.event_position is None:
             await self._send(committed)
+        self._control.changed(committed.subject_key)  # pending usage counts at once: alerts need not wait
         return committed
 
     async def release(self, reservation_id: str) -> Reservation:

@@ -7,7 +7,9 @@ Meterstream's addition (periods are calendar-correct in that IANA zone; UTC when
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -22,6 +24,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from control.periods import Interval
@@ -340,3 +343,97 @@ class EstimateIn(_In):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     request: dict[str, Any]
     extraInputTokens: Annotated[int, Field(ge=0, le=10**9)] = 0
+
+
+# -- notifications (OpenMeter's v1 shapes) -----------------------------------------------------------------
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+#: OpenMeter's pattern; the part after ``whsec_`` must also decode as base64 (checked below).
+SECRET_PATTERN: Final = r"^(whsec_)?[a-zA-Z0-9+/=]{32,100}$"
+
+
+class ChannelIn(_In):
+    """``NotificationChannelWebhookCreateRequest`` (the read-only fields a client may echo are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["WEBHOOK"]
+    name: Name
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    customHeaders: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=50)] | None = None
+    signingSecret: Annotated[str, Field(pattern=SECRET_PATTERN)] | None = None
+    disabled: bool = False
+    metadata: dict[str, str] | None = None
+
+    @field_validator("signingSecret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                base64.b64decode(value.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                raise ValueError("must be base64 (optionally after whsec_)") from None
+        return value
+
+    @field_validator("customHeaders")
+    @classmethod
+    def _headers(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, text in (value or {}).items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}", name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if any(c in text for c in "\r\n\x00"):
+                raise ValueError(f"the value of {name} must not contain line breaks or NUL")
+        return value
+
+
+class ThresholdIn(_In):
+    type: Literal["usage_value", "usage_percentage", "balance_value", "NUMBER", "PERCENT"]
+    value: Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=60, decimal_places=18)]
+
+    @model_validator(mode="after")
+    def _positive(self) -> ThresholdIn:
+        if self.type != "balance_value" and self.value <= 0:
+            raise ValueError(f"a {self.type} threshold must be greater than 0")
+        return self
+
+
+ChannelIds = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=5)]
+FeatureRefs = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(min_length=1, max_length=100)]
+
+
+class _RuleIn(_In):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Name
+    channels: ChannelIds
+    features: FeatureRefs | None = None
+    disabled: bool = False
+    metadata: dict[str, str] | None = None
+
+
+class ThresholdRuleIn(_RuleIn):
+    type: Literal["entitlements.balance.threshold"]
+    thresholds: Annotated[list[ThresholdIn], Field(min_length=1, max_length=10)]
+
+
+class ResetRuleIn(_RuleIn):
+    type: Literal["entitlements.reset"]
+
+
+_RULE: TypeAdapter[ThresholdRuleIn | ResetRuleIn] = TypeAdapter(
+    Annotated[ThresholdRuleIn | ResetRuleIn, Field(discriminator="type")]
+)
+_UNSUPPORTED_RULES: Final = ("invoice.created", "invoice.updated")
+
+
+def parse_rule(raw: Any) -> ThresholdRuleIn | ResetRuleIn:
+    if isinstance(raw, dict) and raw.get("type") in _UNSUPPORTED_RULES:
+        raise Problem(400, f"rule type {raw['type']} is not supported", [FieldError("type", "not supported")])
+    try:
+        return _RULE.validate_python(raw)
+    except ValidationError as exc:
+        raise _problem(exc) from None
+
+
+class ResendIn(_In):
+    channels: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=100)] | None = None

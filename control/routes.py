@@ -21,8 +21,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from control import render
+from control.alerts import view as alert_view
+from control.alerts.service import AlertService
+from control.alerts.store import EventFilter
 from control.holds import LimitReached, ReservationService
 from control.inputs import (
+    ChannelIn,
     CommitIn,
     EstimateIn,
     FeatureIn,
@@ -32,12 +36,14 @@ from control.inputs import (
     PlanAssignmentIn,
     PlanIn,
     PortalTokenIn,
+    ResendIn,
     ReserveIn,
     ResetIn,
     decode,
     in_range,
     parse,
     parse_entitlement,
+    parse_rule,
     parse_subjects,
 )
 from control.keys import KeyService
@@ -471,3 +477,124 @@ def reservation_routes(holds: ReservationService) -> list[Route]:
     for path, method, handler in table:
         by_path.setdefault(path, {})[method] = _guard(handler)
     return [Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()]
+
+
+def alert_routes(alerts: AlertService) -> list[Route]:
+    """Notification channels, rules and events (OpenMeter's ``/api/v1/notification/...``)."""
+
+    async def _rules_json(rules: list[Any]) -> list[dict[str, Any]]:
+        keys = await alerts.feature_keys(rules)
+        return [alert_view.rule(r, keys) for r in rules]
+
+    async def list_channels(request: Request) -> Response:
+        page = _always_paged(request, ("id", "type", "createdAt", "updatedAt"), "id")
+        channels, total = await alerts.list_channels(
+            include_deleted=_bool(request, "includeDeleted"),
+            include_disabled=_bool(request, "includeDisabled"),
+            listing=page.listing(),
+        )
+        return page.answer([alert_view.channel(c) for c in channels], total)
+
+    async def create_channel(request: Request) -> Response:
+        inp = parse(ChannelIn, await _body(request))
+        return _json(alert_view.channel(await alerts.create_channel(inp)), 201)
+
+    async def get_channel(request: Request) -> Response:
+        return _json(alert_view.channel(await alerts.get_channel(request.path_params["channelId"])))
+
+    async def update_channel(request: Request) -> Response:
+        inp = parse(ChannelIn, await _body(request))
+        return _json(alert_view.channel(await alerts.update_channel(request.path_params["channelId"], inp)))
+
+    async def delete_channel(request: Request) -> Response:
+        await alerts.delete_channel(request.path_params["channelId"])
+        return Response(status_code=204)
+
+    async def list_rules(request: Request) -> Response:
+        page = _always_paged(request, ("id", "type", "createdAt", "updatedAt"), "id")
+        rules, total = await alerts.list_rules(
+            include_deleted=_bool(request, "includeDeleted"),
+            include_disabled=_bool(request, "includeDisabled"),
+            features=_list(request, "feature"),
+            channels=_list(request, "channel"),
+            listing=page.listing(),
+        )
+        return page.answer(await _rules_json(rules), total)
+
+    async def create_rule(request: Request) -> Response:
+        inp = parse_rule(await _body(request))
+        return _json((await _rules_json([await alerts.create_rule(inp)]))[0], 201)
+
+    async def get_rule(request: Request) -> Response:
+        return _json((await _rules_json([await alerts.get_rule(request.path_params["ruleId"])]))[0])
+
+    async def update_rule(request: Request) -> Response:
+        inp = parse_rule(await _body(request))
+        return _json((await _rules_json([await alerts.update_rule(request.path_params["ruleId"], inp)]))[0])
+
+    async def delete_rule(request: Request) -> Response:
+        await alerts.delete_rule(request.path_params["ruleId"])
+        return Response(status_code=204)
+
+    async def test_rule(request: Request) -> Response:
+        e = await alerts.test_rule(request.path_params["ruleId"])
+        return _json((await _events_json([e]))[0], 201)  # 201: what OpenMeter's client accepts
+
+    async def _events_json(events: list[Any]) -> list[dict[str, Any]]:
+        rules = await alerts.rules_by_id([e.rule_id for e in events])
+        keys = await alerts.feature_keys(list(rules.values()))
+        return [alert_view.event(e, rules[e.rule_id], keys) for e in events if e.rule_id in rules]
+
+    async def list_events(request: Request) -> Response:
+        page = _always_paged(request, ("id", "createdAt"), "createdAt", descending=True)
+        where = EventFilter(
+            start=_time(request, "from"),
+            end=_time(request, "to"),
+            features=_list(request, "feature"),
+            subjects=_list(request, "subject"),
+            rules=[r.upper() for r in _list(request, "rule")],
+            channels=[c.upper() for c in _list(request, "channel")],
+        )
+        events, total = await alerts.list_events(where, page.listing())
+        return page.answer(await _events_json(events), total)
+
+    async def get_event(request: Request) -> Response:
+        return _json((await _events_json([await alerts.get_event(request.path_params["eventId"])]))[0])
+
+    async def resend_event(request: Request) -> Response:
+        inp = parse(ResendIn, await _body(request, optional=True))
+        await alerts.resend(request.path_params["eventId"], inp)
+        return Response(status_code=202)
+
+    n = "/api/v1/notification"
+    table: list[tuple[str, str, Handler]] = [
+        (f"{n}/channels", "GET", list_channels),
+        (f"{n}/channels", "POST", create_channel),
+        (f"{n}/channels/{{channelId}}", "GET", get_channel),
+        (f"{n}/channels/{{channelId}}", "PUT", update_channel),
+        (f"{n}/channels/{{channelId}}", "DELETE", delete_channel),
+        (f"{n}/rules", "GET", list_rules),
+        (f"{n}/rules", "POST", create_rule),
+        (f"{n}/rules/{{ruleId}}", "GET", get_rule),
+        (f"{n}/rules/{{ruleId}}", "PUT", update_rule),
+        (f"{n}/rules/{{ruleId}}", "DELETE", delete_rule),
+        (f"{n}/rules/{{ruleId}}/test", "POST", test_rule),
+        (f"{n}/events", "GET", list_events),
+        (f"{n}/events/{{eventId}}", "GET", get_event),
+        (f"{n}/events/{{eventId}}/resend", "POST", resend_event),
+    ]
+    by_path: dict[str, dict[str, Handler]] = {}
+    for path, method, handler in table:
+        by_path.setdefault(path, {})[method] = _guard(handler)
+    return [Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()]
+
+
+def _always_paged(request: Request, order_by: tuple[str, ...], default: str, descending: bool = False) -> _Page:
+    """The notification lists are always paginated objects (OpenMeter's), ordered ``order`` (default given)."""
+    page = _Page(request, order_by, default)
+    page.paginated = True
+    page.page, page.page_size = page.page or 1, page.page_size or 100
+    page.offset, page.limit = (page.page - 1) * page.page_size, page.page_size
+    if "order" not in request.query_params:
+        page.desc = descending
+    return page

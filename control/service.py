@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -111,6 +111,8 @@ class Value:
     unpriced_requests: Decimal | None = None
     #: Held by live reservations (already taken from ``balance``); Meterstream's addition.
     reserved: Decimal | None = None
+    #: The balance before holds (what alerts judge balances on: a hold is not usage yet).
+    settled_balance: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,13 @@ class ControlService:
         self.horizon = horizon
         #: The CloudEvents source of reservations' usage events.
         self.reservation_source = reservation_source
+        #: Told the subject of every change that may move a balance (the alerts' evaluator listens).
+        self.on_change: Callable[[str], None] | None = None
+
+    def changed(self, subject_key: str) -> None:
+        """A subject's usage or limits changed (called after the change committed)."""
+        if self.on_change is not None:
+            self.on_change(subject_key)
 
     @staticmethod
     def now() -> datetime:
@@ -384,6 +393,7 @@ class ControlService:
             feature = await self._metered_feature(tx, inp)
             ent, grant = self._build_entitlement(subject_key, feature, inp, self.now())
             await self._insert_entitlement(tx, ent, grant)
+        self.changed(subject_key)
         return self._view(ent, [], ent.created_at)
 
     async def override_entitlement(
@@ -403,6 +413,7 @@ class ControlService:
             await tx.delete_entitlement(old.id, now)
             ent, grant = self._build_entitlement(subject_key, feature, inp, now)
             await self._insert_entitlement(tx, ent, grant)
+        self.changed(subject_key)
         return self._view(ent, [], ent.created_at)
 
     def _view(self, ent: Entitlement, resets: Sequence[UsageReset], now: datetime) -> EntitlementView:
@@ -487,6 +498,7 @@ class ControlService:
                 raise bad("effectiveAt", f"reset at {_iso(at)} is before current usage period start {_iso(start)}")
             preserve = inp.preserveOverage if inp.preserveOverage is not None else ent.preserve_overage_at_reset
             await tx.insert_reset(UsageReset(ent.id, at, inp.retainAnchor, preserve, now))
+        self.changed(subject_key)
 
     # -- grants ----------------------------------------------------------------------------------------
 
@@ -527,6 +539,7 @@ class ControlService:
                 updated_at=now,
             )
             await tx.insert_grant(grant)
+        self.changed(subject_key)
         return grant
 
     async def entitlement_grants(self, subject_key: str, ref: str, include_voided: bool) -> list[Grant]:
@@ -570,6 +583,7 @@ class ControlService:
             if void_at < start:
                 raise bad("at", f"void time {_iso(void_at)} is before the current usage period start {_iso(start)}")
             await tx.void_grant(grant.id, void_at)
+        self.changed(ent.subject_key)
 
     # -- values and history ----------------------------------------------------------------------------
 
@@ -685,7 +699,21 @@ class ControlService:
             total_available=balance.total_available,
             unpriced_requests=unpriced,
             reserved=out.held,
+            settled_balance=max(ZERO, after_pending),
         )
+
+    async def alert_view(
+        self, subject_key: str, entitlement_id: str
+    ) -> tuple[EntitlementView, Feature, Subject, Value]:
+        """What a notification about one entitlement shows: the entitlement, its feature, its subject and its
+        value now."""
+        view = await self.get_entitlement(subject_key, entitlement_id)
+        value = await self.value(subject_key, entitlement_id, None)
+        async with self.store.tx() as tx:
+            feature = await tx.feature(view.entitlement.feature_id)
+            subject = await tx.subject(subject_key)
+        assert feature is not None
+        return view, feature, subject or self._seen_subject(subject_key, view.entitlement.created_at), value
 
     async def history(
         self,
@@ -809,7 +837,9 @@ class ControlService:
                 await tx.set_subject_plan(SubjectPlan(subject_key, plan.key, plan.version, now, is_default=False))
             assignment = await tx.subject_plan(subject_key)
             assert assignment is not None
-            return assignment, await self._views(tx, await tx.subject_entitlements(subject_key, False))
+            views = await self._views(tx, await tx.subject_entitlements(subject_key, False))
+        self.changed(subject_key)
+        return assignment, views
 
     async def subject_plan(self, subject_key: str) -> SubjectPlan:
         async with self.store.tx() as tx:

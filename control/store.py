@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from control.access import ApiKey, PortalToken
+from control.alerts.store import AlertTx
 from control.errors import Conflict, StoreUnavailable
 from control.listing import Listing
 from control.model import Entitlement, Feature, Grant, Plan, Reservation, Subject, SubjectPlan, UsageReset
@@ -35,8 +36,8 @@ class ReserveState:
     existing: Reservation | None
 
 
-class ControlTx(Protocol):
-    """The store's operations inside one transaction."""
+class ControlTx(AlertTx, Protocol):
+    """The store's operations inside one transaction (the alerts' among them: ``control/alerts/store.py``)."""
 
     async def lock_subject(self, subject_key: str) -> None: ...
     async def lock_plan(self, key: str) -> None: ...

@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Hashable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from control.alerts.delivery import Deliverer
+from control.alerts.service import AlertService
 from control.holds import AcceptedUsage, EmitFailed, ReservationService
 from control.sizing import Rates
+from control.webhooks.sender import WebhookSender
 from ingest.parsing import STRUCTURED, IngestPolicy, parse_request
 from ingest.producer import BrokerUnavailable, EventProducer
 from processors.pricing import Price, Pricer
@@ -125,3 +129,34 @@ class SinkClock(ReaderClock):
 
     def usage_version(self, subject: str) -> Hashable | None:
         return self._sink.usage_version(subject)
+
+
+@dataclass(frozen=True, slots=True)
+class Alerting:
+    """The alerts of one process: the rules' evaluator, and the sender of what they fire."""
+
+    service: AlertService
+    deliverer: Deliverer
+    sender: WebhookSender
+
+
+@contextlib.asynccontextmanager
+async def alerting(alerts: Alerting | None) -> AsyncIterator[None]:
+    """Evaluate and deliver alerts while the app runs. Stopped, what is in flight is cancelled: it was not
+    recorded as delivered, so it is sent again (the same webhook-id) by the next sender."""
+    if alerts is None:
+        yield
+        return
+    tasks = [
+        asyncio.create_task(alerts.service.run(), name="alerts-evaluator"),
+        asyncio.create_task(alerts.deliverer.run(), name="alerts-sender"),
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await alerts.sender.close()

@@ -28,20 +28,25 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from control.access import Authenticator, FailedAuthLimiter, RateLimiter
+from control.alerts.delivery import Deliverer
+from control.alerts.service import AlertService
 from control.holds import ReservationService, UsageClock
 from control.keys import KeyService
 from control.postgres.store import PostgresStore
-from control.routes import access_routes, control_routes, reservation_routes
+from control.routes import access_routes, alert_routes, control_routes, reservation_routes
 from control.service import ControlService
+from control.webhooks.sender import WebhookSender
+from control.webhooks.urls import UrlPolicy
 from ingest.parsing import IngestPolicy
 from ingest.producer import EventProducer
 from ingest.routes import ingest_routes
 from ingest.service import IngestService
+from meterstream import __version__
 from meterstream.broker import reuse_or_start
 from meterstream.http import Access, Checks, build_app
 from meterstream.logs import configure_logging
 from meterstream.pgserver import EmbeddedPostgres
-from meterstream.reserving import IngestUsageEvents, PricerRates, ReaderClock, SinkClock, relaying
+from meterstream.reserving import Alerting, IngestUsageEvents, PricerRates, ReaderClock, SinkClock, alerting, relaying
 from meterstream.runtime import tune_gc, tune_malloc
 from meterstream.topics import ensure_topics, topic_id
 from processors.app import Processor
@@ -50,6 +55,7 @@ from query.render import rfc3339
 from query.routes import PriceQuoter, query_routes
 from schemas.problems import MeterstreamError
 from schemas.settings import (
+    AlertSettings,
     AuthSettings,
     ClickHouseSettings,
     IngestSettings,
@@ -103,10 +109,12 @@ def make_store(postgres: PostgresSettings) -> PostgresStore | None:
 
 @dataclass(frozen=True, slots=True)
 class Control:
-    """The control plane of one process: its routes, and the reservations' relay (None: no reservations)."""
+    """The control plane of one process: its routes, the reservations' relay (None: no reservations) and
+    the alerts' evaluator and sender (None: no alerts)."""
 
     routes: list[BaseRoute]
     holds: ReservationService | None = None
+    alerts: Alerting | None = None
 
 
 def make_control(
@@ -114,17 +122,21 @@ def make_control(
     default_plan: str | None,
     reader: MeterReader,
     reserving: tuple[IngestUsageEvents, Pricer, ReservationSettings, str, UsageClock] | None = None,
+    alerts: AlertSettings | None = None,
 ) -> Control:
     """The control plane's routes (limits, keys, portal tokens; reservations when the process can record
-    usage: ``reserving`` = how, its pricer, settings and usage event type) over PostgreSQL and the metered
-    usage; none without a store."""
+    usage: ``reserving`` = how, its pricer, settings and usage event type; notifications and their
+    delivery unless ``alerts`` is off) over PostgreSQL and the metered usage; none without a store."""
     if store is None:
         return Control([])
     settings_ = reserving[2] if reserving is not None else ReservationSettings()
     control = ControlService(store, reader, default_plan, settings_.horizon, settings_.event_source)
     routes: list[BaseRoute] = [*control_routes(control), *access_routes(KeyService(store))]
+    alerting = make_alerting(control, alerts) if alerts is not None and alerts.enabled else None
+    if alerting is not None:
+        routes += alert_routes(alerting.service)
     if reserving is None:
-        return Control(routes)
+        return Control(routes, alerts=alerting)
     events, pricer, settings, event_type, clock = reserving
     holds = ReservationService(
         control=control,
@@ -134,7 +146,21 @@ def make_control(
         settings=settings,
         usage_event_type=event_type,
     )
-    return Control([*routes, *reservation_routes(holds)], holds)
+    return Control([*routes, *reservation_routes(holds)], holds, alerting)
+
+
+def make_alerting(control: ControlService, settings: AlertSettings) -> Alerting:
+    """Alerts: evaluated on every change this process sees, delivered as signed webhooks."""
+    service = AlertService(control, settings)
+    control.on_change = lambda subject: service.kick((subject,))
+    sender = WebhookSender(
+        UrlPolicy.of(settings.allow_private_urls, settings.allowed_networks),
+        connect_timeout_s=settings.connect_timeout_s,
+        timeout_s=settings.timeout_s,
+        max_response_bytes=settings.max_response_bytes,
+        user_agent=f"meterstream/{__version__}",
+    )
+    return Alerting(service, Deliverer(control, sender, settings, service.written), sender)
 
 
 def make_usage_events(
@@ -317,14 +343,16 @@ def sink_app(settings: SinkSettings) -> Starlette:
         pricer = make_pricer(settings.price_overrides)
         clock = SinkClock(sink, reader)
         reserving = (events, pricer, settings.reservations, settings.usage_event_type, clock)
-    control = make_control(store, settings.default_plan, reader, reserving)
+    control = make_control(store, settings.default_plan, reader, reserving, settings.alerts)
+    if control.alerts is not None:
+        sink.on_stored = control.alerts.service.kick_threadsafe
     access = make_access(settings.auth, store, "sink")
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread.start()
         try:
-            async with _opened(store), relaying(control.holds):
+            async with _opened(store), relaying(control.holds), alerting(control.alerts):
                 with _engine_memory_metrics(ch):
                     yield
         finally:
@@ -360,7 +388,7 @@ def query_app(settings: QuerySettings) -> Starlette:
         events, producer = make_usage_events(settings.kafka, settings.topics, settings.usage_event_type)
         pricer = make_pricer(settings.price_overrides)
         reserving = (events, pricer, settings.reservations, settings.usage_event_type, ReaderClock(reader))
-    control = make_control(store, settings.default_plan, reader, reserving)
+    control = make_control(store, settings.default_plan, reader, reserving, settings.alerts)
     access = make_access(settings.auth, store, "query")
     routes = [
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
@@ -369,7 +397,7 @@ def query_app(settings: QuerySettings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        async with _opened(store), relaying(control.holds):
+        async with _opened(store), relaying(control.holds), alerting(control.alerts):
             yield
         if producer is not None:
             await asyncio.to_thread(producer.close)
@@ -428,7 +456,9 @@ def local_app(local: LocalSettings) -> Starlette:
         ingest_settings.usage_event_type,
         SinkClock(sink, reader),
     )
-    control = make_control(store, local.default_plan, reader, reserving)
+    control = make_control(store, local.default_plan, reader, reserving, local.alerts)
+    if control.alerts is not None:
+        sink.on_stored = control.alerts.service.kick_threadsafe
     access = make_access(local.auth, store, "meterstream")
     sink_thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
@@ -437,7 +467,7 @@ def local_app(local: LocalSettings) -> Starlette:
         sink_thread.start()
         await processor.start()
         try:
-            async with _opened(store), relaying(control.holds):
+            async with _opened(store), relaying(control.holds), alerting(control.alerts):
                 if local.auth.enabled and store is not None:
                     await _local_admin_key(KeyService(store), data_dir / "admin.key")
                 log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)

@@ -109,6 +109,33 @@ class ReservationSettings(BaseModel):
         return self
 
 
+class AlertSettings(BaseModel):
+    """Budget alerts: notification rules evaluated as usage is stored, delivered as signed webhooks
+    (README "Alerts")."""
+
+    #: Evaluate rules and deliver webhooks in this process (every API process with a PostgreSQL does).
+    enabled: bool = True
+    #: Webhook URLs may target loopback, link-local and private addresses (tests, internal receivers).
+    allow_private_urls: bool = False
+    #: Private networks allowed even when ``allow_private_urls`` is off (``["10.1.0.0/16"]``).
+    allowed_networks: list[str] = Field(default_factory=list)
+    #: A notification is retried this long after it was created (or resent) before it is given up.
+    retry_horizon_s: int = Field(default=24 * 3600, ge=1)
+    #: Backoff between attempts: doubles from ``retry_initial_s`` up to ``retry_max_s``, with jitter.
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=1800.0, gt=0)
+    #: Seconds to connect, and for the whole request; at most this many bytes of a response are read.
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    max_response_bytes: int = Field(default=1024, ge=0, le=65536)
+    #: Deliveries in flight per process, and per channel (so one slow receiver cannot take every slot).
+    max_concurrent: int = Field(default=16, ge=1, le=1000)
+    per_channel: int = Field(default=4, ge=1, le=1000)
+    #: Every this many seconds one process re-evaluates every subject with a rule (what time alone
+    #: changes: a grant expiring; and what a crash interrupted).
+    sweep_interval_s: float = Field(default=300.0, gt=0)
+
+
 class AuthSettings(BaseModel):
     """Who may call: API keys (kept in the control plane's PostgreSQL) on every endpoint but /healthz and
     /readyz. Turning it off is explicit, and logged at every start."""
@@ -227,6 +254,7 @@ class SinkSettings(_Service):
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
     reservations: ReservationSettings = ReservationSettings()
+    alerts: AlertSettings = AlertSettings()
     auth: AuthSettings = AuthSettings()
 
 
@@ -246,6 +274,7 @@ class QuerySettings(_Service):
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
     reservations: ReservationSettings = ReservationSettings()
+    alerts: AlertSettings = AlertSettings()
     auth: AuthSettings = AuthSettings()
 
 
@@ -265,5 +294,6 @@ class LocalSettings(BaseSettings):
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
     reservations: ReservationSettings = ReservationSettings()
+    alerts: AlertSettings = AlertSettings()
     #: On by default here too: the first start makes an admin key and keeps it in ``<data dir>/admin.key``.
     auth: AuthSettings = AuthSettings()

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -86,6 +86,9 @@ class Sink:
         self.ready = threading.Event()
         #: Time of the last successful write, for health checks.
         self.last_write: float | None = None
+        #: Told the subjects of every write once it is stored (from the sink's thread: it must not block).
+        #: The alerts' evaluator listens; a crash before it is told is caught up by its sweep at start.
+        self.on_stored: Callable[[set[str]], None] | None = None
         self._consumer = Consumer(
             settings.kafka.to_librdkafka()
             | {
@@ -224,6 +227,11 @@ class Sink:
         except Exception:  # a rebalance took the partitions: the next owner replays, the check skips
             log.warning("sink: offset commit failed after write; the replay will be skipped", exc_info=True)
         self._record(plan, stored_at, started)
+        if self.on_stored is not None and plan.windows:
+            try:
+                self.on_stored({key[0] for key in plan.windows})
+            except Exception:
+                log.exception("sink: the stored-subjects listener failed")
 
     def _load_stored_keys(self) -> None:
         started = time.monotonic()

@@ -208,6 +208,113 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         );
         """,
     ),
+    Migration(
+        4,
+        "notification channels, rules, crossings, events and their webhook deliveries (an outbox)",
+        """
+        CREATE TABLE notification_channels (
+            id text PRIMARY KEY,
+            name text NOT NULL,
+            url text NOT NULL,
+            custom_headers jsonb NOT NULL DEFAULT '{}',
+            signing_secret text NOT NULL,
+            disabled boolean NOT NULL DEFAULT false,
+            metadata jsonb,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            deleted_at timestamptz
+        );
+
+        CREATE TABLE notification_rules (
+            id text PRIMARY KEY,
+            type text NOT NULL,
+            name text NOT NULL,
+            disabled boolean NOT NULL DEFAULT false,
+            thresholds jsonb NOT NULL DEFAULT '[]',
+            feature_ids text[] NOT NULL DEFAULT '{}',
+            channel_ids text[] NOT NULL,
+            metadata jsonb,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            deleted_at timestamptz
+        );
+
+        -- One row per (rule, subject, feature, period, threshold) ever crossed: the primary key is what makes
+        -- every threshold fire once per period, whatever evaluates it concurrently.
+        CREATE TABLE alert_crossings (
+            rule_id text NOT NULL,
+            subject_key text NOT NULL,
+            feature_id text NOT NULL,
+            period_start timestamptz NOT NULL,
+            threshold text NOT NULL,
+            crossed boolean NOT NULL,
+            usage_at_cross numeric NOT NULL,
+            event_id text NOT NULL,
+            times_crossed integer NOT NULL DEFAULT 1,
+            updated_at timestamptz NOT NULL,
+            PRIMARY KEY (rule_id, subject_key, feature_id, period_start, threshold)
+        );
+
+        CREATE TABLE notification_events (
+            id text PRIMARY KEY,
+            type text NOT NULL,
+            rule_id text NOT NULL REFERENCES notification_rules (id),
+            subject_key text,
+            feature_id text,
+            feature_key text,
+            -- The webhook body exactly as sent and signed (text, not jsonb: its decimals stay exact).
+            payload text NOT NULL,
+            annotations jsonb,
+            created_at timestamptz NOT NULL
+        );
+        CREATE INDEX notification_events_created ON notification_events (created_at);
+        CREATE INDEX notification_events_rule ON notification_events (rule_id);
+        CREATE INDEX notification_events_subject ON notification_events (subject_key);
+
+        -- The outbox: one row per (event, channel), written with the event in one transaction; a sender
+        -- leases due rows, posts outside any transaction, and records the outcome only under its lease.
+        CREATE TABLE notification_deliveries (
+            event_id text NOT NULL REFERENCES notification_events (id),
+            channel_id text NOT NULL,
+            state text NOT NULL,
+            reason text NOT NULL DEFAULT '',
+            next_attempt_at timestamptz,
+            give_up_at timestamptz NOT NULL,
+            lease_token text,
+            attempts integer NOT NULL DEFAULT 0,
+            delivered_at timestamptz,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            PRIMARY KEY (event_id, channel_id)
+        );
+        CREATE INDEX notification_deliveries_due ON notification_deliveries (next_attempt_at)
+            WHERE state IN ('PENDING', 'SENDING', 'RESENDING');
+
+        CREATE TABLE notification_attempts (
+            event_id text NOT NULL,
+            channel_id text NOT NULL,
+            n integer NOT NULL,
+            at timestamptz NOT NULL,
+            state text NOT NULL,
+            status_code integer,
+            body text NOT NULL DEFAULT '',
+            duration_ms integer NOT NULL,
+            url text,
+            PRIMARY KEY (event_id, channel_id, n)
+        );
+
+        -- Resets already notified (a reset rule fires once per reset).
+        CREATE TABLE reset_notices (
+            rule_id text NOT NULL,
+            entitlement_id text NOT NULL,
+            reset_at timestamptz NOT NULL,
+            PRIMARY KEY (rule_id, entitlement_id, reset_at)
+        );
+
+        -- Which process sweeps next (one at a time, every sweep interval).
+        CREATE TABLE alert_sweeps (name text PRIMARY KEY, next_at timestamptz NOT NULL);
+        """,
+    ),
 )
 
 
