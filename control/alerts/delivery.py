@@ -104,10 +104,11 @@ class Deliverer:
         free = self._settings.max_concurrent - len(self._running)
         if free <= 0:
             return
-        busy = [c for c, n in self._per_channel.items() if n >= self._settings.per_channel]
         now = self._control.now()
         async with self._store.tx() as tx:
-            leases = await tx.lease_due(now, free, busy, now + self._lease_for())
+            leases = await tx.lease_due(
+                now, free, dict(self._per_channel), self._settings.per_channel, now + self._lease_for()
+            )
         for lease in leases:
             channel_id = lease.delivery.channel_id
             self._per_channel[channel_id] = self._per_channel.get(channel_id, 0) + 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -68,7 +68,9 @@ class AlertTx(Protocol):
     async def events(self, where: EventFilter, listing: Listing) -> tuple[list[Event], int]: ...
     async def resend(self, event_id: str, channel_ids: Sequence[str], at: datetime, give_up_at: datetime) -> None: ...
 
-    async def lease_due(self, now: datetime, limit: int, busy: Sequence[str], lease_until: datetime) -> list[Lease]: ...
+    async def lease_due(
+        self, now: datetime, limit: int, in_flight: Mapping[str, int], per_channel: int, lease_until: datetime
+    ) -> list[Lease]: ...
     async def record_attempt(
         self,
         lease: Lease,

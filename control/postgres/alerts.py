@@ -11,7 +11,7 @@ nothing (whoever holds the row now does).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final
@@ -316,16 +316,36 @@ class AlertSql(Sql):
 
     # -- the outbox ------------------------------------------------------------------------------------
 
-    async def lease_due(self, now: datetime, limit: int, busy: Sequence[str], lease_until: datetime) -> list[Lease]:
+    async def lease_due(
+        self, now: datetime, limit: int, in_flight: Mapping[str, int], per_channel: int, lease_until: datetime
+    ) -> list[Lease]:
         token = uuid.uuid4().hex
+        # At most ``per_channel`` per channel counting those already in flight, the earliest due first.
         rows = await self._all(
             "UPDATE notification_deliveries d SET lease_token = %(t)s, next_attempt_at = %(until)s, "
             "state = CASE WHEN d.state = 'PENDING' THEN 'SENDING' ELSE d.state END "
             "FROM (SELECT event_id, channel_id FROM notification_deliveries "
-            "      WHERE state = ANY (%(open)s) AND next_attempt_at <= %(now)s AND NOT (channel_id = ANY (%(busy)s)) "
+            "      WHERE (event_id, channel_id) IN ("
+            "        SELECT event_id, channel_id FROM ("
+            "          SELECT event_id, channel_id, row_number() OVER ("
+            "            PARTITION BY channel_id ORDER BY next_attempt_at, event_id) AS k "
+            "          FROM notification_deliveries WHERE state = ANY (%(open)s) AND next_attempt_at <= %(now)s"
+            "        ) ranked WHERE k <= %(per)s - coalesce("
+            "          (SELECT u.n FROM unnest(%(cs)s::text[], %(ns)s::int[]) AS u (c, n) WHERE u.c = ranked.channel_id),"
+            "          0))"
+            "      AND state = ANY (%(open)s) AND next_attempt_at <= %(now)s "
             "      ORDER BY next_attempt_at, event_id LIMIT %(n)s FOR UPDATE SKIP LOCKED) due "
             "WHERE d.event_id = due.event_id AND d.channel_id = due.channel_id RETURNING d.*",
-            {"t": token, "until": lease_until, "open": _OPEN, "now": now, "busy": list(busy), "n": limit},
+            {
+                "t": token,
+                "until": lease_until,
+                "open": _OPEN,
+                "now": now,
+                "per": per_channel,
+                "cs": list(in_flight),
+                "ns": list(in_flight.values()),
+                "n": limit,
+            },
         )
         if not rows:
             return []

