@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_alerts import labels, new_subject, of, send
-from tests.helpers.stack import LocalStack
+from tests.helpers.stack import LocalStack, MultiProcessStack
 from tests.helpers.webhooks import Receiver, receiving
 
 pytestmark = pytest.mark.e2e
@@ -116,4 +116,48 @@ def test_postgres_killed_with_deliveries_due(local: LocalStack, receiver: Receiv
         local.start_postgres()
         got = receiver.wait_for(lambda g: len(of(subject)(g)) == 3, timeout_s=60)
         assert labels(of(subject)(got)) == ["usage_value:300", "usage_percentage:50", "usage_percentage:80"]
+    only_same_id_duplicates(receiver)
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[MultiProcessStack]:
+    env = {k.replace("METERSTREAM_LOCAL_", "METERSTREAM_SINK_"): v for k, v in ENV.items()}
+    yield from MultiProcessStack(tmp_path / "stack", control=True, extra_env=env).running()
+
+
+def test_each_process_killed_while_a_notification_is_on_its_way(
+    topology: MultiProcessStack, receiver: Receiver
+) -> None:
+    """The production topology (ingest, processor, sink with the API as separate processes): the sink killed
+    with a request in flight, the processor and ingest killed right after the 204 of a crossing event."""
+    assert topology.sink is not None
+    assert topology.ingest is not None
+    with httpx.Client(base_url=topology.query_url, timeout=30) as api:
+        setup(api, receiver)
+        subjects = [new_subject(api) for _ in range(3)]
+    with httpx.Client(base_url=topology.ingest_url, timeout=30) as ingest:
+        receiver.mode, receiver.hang_s = "hang", 30.0
+        send(ingest, subjects[0], 350)
+        deadline = time.monotonic() + 30
+        while not receiver.received:
+            assert time.monotonic() < deadline, "nothing was sent"
+            time.sleep(0.05)
+        topology.sink.kill()
+        receiver.mode = "ok"
+        topology.restart(topology.sink)
+        send(ingest, subjects[1], 350)
+        topology.processors[0].kill()
+        topology.restart(topology.processors[0])
+        send(ingest, subjects[2], 350)
+        topology.ingest.kill()
+    topology.restart(topology.ingest)
+    try:
+        for subject in subjects:
+            receiver.wait_for(lambda g, s=subject: len(of(s)(g)) == 1, timeout_s=60)  # type: ignore[misc]
+    except AssertionError:
+        print(topology.logs()[-5000:])
+        raise
+    time.sleep(1.5)
+    for subject in subjects:
+        assert labels(of(subject)(receiver.delivered())) == ["usage_value:300"]
     only_same_id_duplicates(receiver)

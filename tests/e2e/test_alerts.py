@@ -388,3 +388,20 @@ def test_channel_and_rule_api(
     assert "nope" in r.text
     assert http.get("/api/v1/notification/rules/not-a-ulid").status_code == 400
     assert http.get(f"/api/v1/notification/events/{'0' * 26}").status_code == 404
+
+
+def test_metrics(http: httpx.Client) -> None:
+    """After the deliveries above: delivered, attempts (the failures of the retry test among them), latency,
+    and the pending gauge are on /metrics."""
+    text = http.get("/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("meterstream_notification"):
+            name, _, number = line.rpartition(" ")
+            values[name] = float(number)
+    assert values["meterstream_notifications_delivered_total"] >= 10
+    assert values['meterstream_notification_attempts_total{outcome="error"}'] >= 2
+    assert (
+        values["meterstream_notification_delivery_seconds_count"] == values["meterstream_notifications_delivered_total"]
+    )
+    assert "meterstream_notifications_pending" in values
