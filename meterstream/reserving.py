@@ -1,4 +1,5 @@
-"""Wiring of reservations: the ingest path and the pricer, as the control plane's reservations need them.
+"""Wiring of reservations (the ingest path and the pricer, as the control plane's reservations need them)
+and of alerts (the evaluator and the webhook sender, run beside the app).
 
 Commits record their usage as ordinary usage events through the very code ingest runs (validation,
 dedupe by (source, id), a producer that answers only after the broker acknowledged), and are priced by the

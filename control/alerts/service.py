@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 CONCURRENT_EVALUATIONS: Final = 2
 #: A subject whose evaluation failed (PostgreSQL or ClickHouse away) is tried again after this long.
 RETRY_EVALUATION_S: Final = 2.0
+#: An evaluation failing for another reason than an unreachable store is given up after this many tries.
+MAX_EVALUATION_FAILURES: Final = 5
 #: Resets newer than this are checked for a missed ``entitlements.reset`` notification.
 RESET_LOOKBACK: Final = timedelta(days=1)
 MAX_CHANNELS_PER_RULE: Final = 5
@@ -96,6 +98,8 @@ class AlertService:
         self._policy = UrlPolicy.of(settings.allow_private_urls, settings.allowed_networks)
         self._dirty: set[str] = set()
         self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._evaluating: set[str] = set()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Set whenever an event was written (the sender in this process starts at once).
@@ -389,7 +393,7 @@ class AlertService:
                 if await self._sweep(force=self._sweep_now):
                     self._sweep_now = False
                 sweep_at = loop_time + self._settings.sweep_interval_s
-            due = [s for s in self._dirty if self._retry_at.get(s, 0.0) <= loop_time]
+            due = [s for s in self._dirty if self._retry_at.get(s, 0.0) <= loop_time and s not in self._evaluating]
             for subject in due[: max(0, CONCURRENT_EVALUATIONS - len(running))]:
                 self._dirty.discard(subject)
                 task = asyncio.create_task(self._evaluate_logged(subject))
@@ -401,20 +405,32 @@ class AlertService:
             waits[0].cancel()
 
     async def _evaluate_logged(self, subject: str) -> None:
+        self._evaluating.add(subject)
         try:
             await self.evaluate(subject)
+            self._failures.pop(subject, None)
             self._retry_at.pop(subject, None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # PostgreSQL or ClickHouse away: keep it and try again (nothing was recorded: the transaction
-            # rolled back, so nothing is half-done either).
-            level = logging.WARNING if isinstance(exc, StoreUnavailable) else logging.ERROR
-            log.log(level, "alerts: evaluating %s failed (%s); retrying", subject, exc, exc_info=level >= logging.ERROR)
+            # Nothing was recorded (the transaction rolled back), so nothing is half-done: try again, for as
+            # long as PostgreSQL or ClickHouse is away; an error of another kind a few times (the sweep comes
+            # back to the subject in any case).
+            failures = self._failures[subject] = self._failures.get(subject, 0) + 1
+            unavailable = isinstance(exc, StoreUnavailable | ConnectionError | TimeoutError)
+            if not unavailable and failures >= MAX_EVALUATION_FAILURES:
+                log.error(
+                    "alerts: evaluating %s failed %d times; left to the next sweep", subject, failures, exc_info=exc
+                )
+                self._failures.pop(subject, None)
+                return
+            log.warning("alerts: evaluating %s failed (%s); retrying", subject, exc)
             self._dirty.add(subject)
             assert self._loop is not None
-            self._retry_at[subject] = self._loop.time() + RETRY_EVALUATION_S
+            self._retry_at[subject] = self._loop.time() + min(30.0, RETRY_EVALUATION_S * failures)
             self._wake.set()
+        finally:
+            self._evaluating.discard(subject)
 
     async def _sweep(self, force: bool) -> bool:
         """Every subject with a metered entitlement, evaluated (one process per interval, unless forced)."""
@@ -459,9 +475,15 @@ class AlertService:
         async with self._store.tx() as tx:
             await tx.lock_alerts(subject_key)
             # Read under the lock: an evaluation never records an older state after a newer one.
-            ev, feature, subject, value = await self._control.alert_view(subject_key, ent.id)
-            period_start = ev.last_reset
-            assert period_start is not None
+            try:
+                ev, feature, subject, value = await self._control.alert_view(subject_key, ent.id)
+            except Problem as p:
+                if p.status == 404:
+                    return 0  # deleted meanwhile
+                raise
+            # The current period (from its boundary, or the last manual reset): a new one starts fresh crossings.
+            assert ev.current_period is not None
+            period_start = ev.current_period[0]
             now = self._control.now()
             assert value.usage is not None
             assert value.total_available is not None
@@ -504,16 +526,21 @@ class AlertService:
                 e = Event(event_id, kind, fire.rule.id, subject_key, feature.id, payload, None, at)
                 await tx.insert_event(e, feature.key, await self._enabled_channels(tx, fire.rule), at + self.horizon)
                 made += 1
-            # Manual resets of the last day not notified yet (a reset rule fires once per reset).
+            # Resets of the last day not notified yet, manual ones and the automatic one at the start of
+            # this period; each once per rule, and only those after the rule was made.
             if reset_rules:
-                for r in await tx.resets_of(ent.id):
-                    if r.created_at < now - RESET_LOOKBACK:
+                assert ent.measure_usage_from is not None
+                times = {r.at: r.created_at for r in await tx.resets_of(ent.id)}
+                if period_start > ent.measure_usage_from:
+                    times.setdefault(period_start, period_start)
+                for at, made_at in sorted(times.items()):
+                    if made_at < now - RESET_LOOKBACK:
                         continue
                     for rule in reset_rules:
-                        if not await tx.notice_reset(rule.id, ent.id, r.at):
+                        if made_at < rule.created_at or not await tx.notice_reset(rule.id, ent.id, at):
                             continue
                         event_id = new_id()
-                        extra = {"resetAt": render.iso(r.at)}
+                        extra = {"resetAt": render.iso(at)}
                         payload = view.payload(event_id, RESET, now, ev, feature, subject, value, None, extra)
                         e = Event(event_id, RESET, rule.id, subject_key, feature.id, payload, None, now)
                         await tx.insert_event(

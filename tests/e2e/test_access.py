@@ -77,6 +77,20 @@ NEEDS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/reservations/{}/commit"): INGEST,
     ("POST", "/api/v1/reservations/{}/release"): INGEST,
     ("POST", "/api/v1/estimate"): INGEST,
+    ("GET", "/api/v1/notification/channels"): READ,
+    ("POST", "/api/v1/notification/channels"): ADMIN,
+    ("GET", "/api/v1/notification/channels/{}"): READ,
+    ("PUT", "/api/v1/notification/channels/{}"): ADMIN,
+    ("DELETE", "/api/v1/notification/channels/{}"): ADMIN,
+    ("GET", "/api/v1/notification/rules"): READ,
+    ("POST", "/api/v1/notification/rules"): ADMIN,
+    ("GET", "/api/v1/notification/rules/{}"): READ,
+    ("PUT", "/api/v1/notification/rules/{}"): ADMIN,
+    ("DELETE", "/api/v1/notification/rules/{}"): ADMIN,
+    ("POST", "/api/v1/notification/rules/{}/test"): ADMIN,
+    ("GET", "/api/v1/notification/events"): READ,
+    ("GET", "/api/v1/notification/events/{}"): READ,
+    ("POST", "/api/v1/notification/events/{}/resend"): ADMIN,
 }
 #: credential -> the needs it satisfies (for a portal token: of its own subject, "alice").
 GRANTS = {

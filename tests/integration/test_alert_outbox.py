@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -168,4 +168,78 @@ async def test_a_hanging_receiver_does_not_hold_up_another_channel(postgres_dsn:
                 await asyncio.gather(task, return_exceptions=True)
     finally:
         await sender.close()
+        await store.close()
+
+
+class _Later(ControlService):
+    """The control plane 45 minutes from now (a period boundary passes without waiting for it)."""
+
+    @staticmethod
+    def now() -> datetime:
+        return datetime.now(UTC) + timedelta(minutes=45)
+
+
+async def test_an_automatic_period_reset_is_notified_once(postgres_dsn: str, ch: ClickHouse) -> None:
+    store = PostgresStore(postgres_dsn)
+    await store.open()
+    try:
+        with receiving() as receiver:
+            control = ControlService(store, MeterReader(ch))
+            alerts = AlertService(control, SETTINGS)
+            await control.create_feature(FeatureIn(key="tokens", name="T", meterSlug="tokens_total"))
+            anchor = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+            ent = parse_entitlement(
+                {
+                    "type": "metered",
+                    "featureKey": "tokens",
+                    "usagePeriod": {"interval": "PT1H", "anchor": anchor.isoformat()},
+                    "measureUsageFrom": anchor.isoformat(),
+                }
+            )
+            assert isinstance(ent, MeteredIn)
+            await control.create_entitlement("s1", ent)
+            channel = await alerts.create_channel(
+                parse(ChannelIn, {"type": "WEBHOOK", "name": "c", "url": receiver.url})
+            )
+            await alerts.create_rule(parse_rule({"type": "entitlements.reset", "name": "r", "channels": [channel.id]}))
+            await control.create_grant(
+                "s1",
+                "tokens",
+                parse(
+                    GrantIn,
+                    {
+                        "amount": 400,
+                        "maxRolloverAmount": 400,
+                        "effectiveAt": anchor.isoformat(),
+                        "expiration": {"duration": "DAY", "count": 1},
+                    },
+                ),
+            )
+            await alerts.create_rule(
+                parse_rule(
+                    {
+                        "type": "entitlements.balance.threshold",
+                        "name": "low",
+                        "channels": [channel.id],
+                        "thresholds": [{"type": "balance_value", "value": 500}],
+                    }
+                )
+            )
+            assert await alerts.evaluate("s1") == 1  # the threshold; no reset yet in this period
+            assert await alerts.evaluate("s1") == 0
+            later = AlertService(_Later(store, MeterReader(ch)), SETTINGS)
+            # The boundary at anchor + 1 h has passed: the reset is notified, and the threshold fires again.
+            assert await later.evaluate("s1") == 2
+            assert await later.evaluate("s1") == 0
+            async with store.tx() as tx:
+                events, _ = await tx.events(EventFilter(subjects=["s1"]), Listing("createdAt", False, 0, 10))
+            assert events[0].type == "entitlements.balance.threshold"
+            assert sorted(e.type for e in events[1:]) == ["entitlements.balance.threshold", "entitlements.reset"]
+            boundary = (anchor + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+            reset = next(e for e in events if e.type == "entitlements.reset")
+            assert f'"resetAt":"{boundary}"' in reset.payload
+            again = next(e for e in events[1:] if e.type == "entitlements.balance.threshold")
+            assert f'"periodStart":"{boundary}"' in again.payload
+            assert f'"periodStart":"{anchor.isoformat().replace("+00:00", "Z")}"' in events[0].payload
+    finally:
         await store.close()
