@@ -145,8 +145,8 @@ def need(method: str, path: str) -> Need:
         return Need.PUBLIC
     if path.startswith("/api/v1/portal/meters/"):
         return Need.PORTAL
-    if path.startswith(("/api/v1/admin/", "/api/v1/keys", "/api/v1/portal/tokens")):
-        return Need.ADMIN
+    if path.startswith(("/api/v1/admin/", "/api/v1/keys", "/api/v1/portal/tokens", "/api/v1/notification/channels")):
+        return Need.ADMIN  # notification channels too: their signing secrets and headers are credentials
     if method == "POST" and path == "/api/v1/events":
         return Need.INGEST
     if path.startswith("/api/v1/reservations/") or path in _RESERVING:

@@ -54,6 +54,8 @@ class Outcome(Protocol):
     def retry_after_s(self) -> float | None: ...
     @property
     def ok(self) -> bool: ...
+    @property
+    def permanent(self) -> bool: ...
 
 
 class Sender(Protocol):
@@ -159,7 +161,9 @@ class Deliverer:
             if out.retry_after_s is not None:
                 wait = max(wait, timedelta(seconds=min(out.retry_after_s, self._settings.retry_max_s)))
             next_at = now + wait
-            if next_at > d.give_up_at:
+            if out.permanent:
+                state, reason, next_at = DeliveryState.FAILED, f"not sent: {out.error}", None
+            elif next_at > d.give_up_at:
                 state, reason, next_at = DeliveryState.FAILED, f"gave up after {n} attempts: {out.error}", None
             else:
                 state = DeliveryState.RESENDING if d.state is DeliveryState.RESENDING else DeliveryState.SENDING
@@ -171,7 +175,9 @@ class Deliverer:
             return
         if state is DeliveryState.SUCCESS:
             DELIVERED.inc()
-            LATENCY.observe(max(0.0, (now - e.created_at).total_seconds()))
+            # From the (re)send: a delivery's horizon starts there.
+            sent_from = max(e.created_at, d.give_up_at - timedelta(seconds=self._settings.retry_horizon_s))
+            LATENCY.observe(max(0.0, (now - sent_from).total_seconds()))
         elif state is DeliveryState.FAILED:
             FAILED.labels("gave_up").inc()
             log.warning("alerts: gave up delivering %s to channel %s: %s", e.id, c.id, reason)

@@ -63,7 +63,6 @@ RETRY_EVALUATION_S: Final = 2.0
 MAX_EVALUATION_FAILURES: Final = 5
 #: Resets newer than this are checked for a missed ``entitlements.reset`` notification.
 RESET_LOOKBACK: Final = timedelta(days=1)
-MAX_CHANNELS_PER_RULE: Final = 5
 
 
 def new_secret() -> str:
@@ -510,7 +509,7 @@ class AlertService:
                 if not t.crossed and t.previous is not None:
                     extra["crossedEventId"] = t.previous.event_id
                 payload = view.payload(event_id, kind, at, ev, feature, subject, value, t.threshold, extra)
-                await tx.save_crossing(
+                recorded = await tx.save_crossing(
                     Crossing(
                         fire.rule.id,
                         subject_key,
@@ -523,6 +522,8 @@ class AlertService:
                     ),
                     at,
                 )
+                if not recorded:
+                    continue
                 e = Event(event_id, kind, fire.rule.id, subject_key, feature.id, payload, None, at)
                 await tx.insert_event(e, feature.key, await self._enabled_channels(tx, fire.rule), at + self.horizon)
                 made += 1

@@ -205,14 +205,17 @@ class AlertSql(Sql):
             for r in rows
         ]
 
-    async def save_crossing(self, c: Crossing, at: datetime) -> None:
-        await self._conn.execute(
-            b"INSERT INTO alert_crossings (rule_id, subject_key, feature_id, period_start, threshold, crossed, "
-            b"usage_at_cross, event_id, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            b"ON CONFLICT (rule_id, subject_key, feature_id, period_start, threshold) DO UPDATE SET "
-            b"crossed = EXCLUDED.crossed, usage_at_cross = EXCLUDED.usage_at_cross, event_id = EXCLUDED.event_id, "
-            b"updated_at = EXCLUDED.updated_at, "
-            b"times_crossed = alert_crossings.times_crossed + CASE WHEN EXCLUDED.crossed THEN 1 ELSE 0 END",
+    async def save_crossing(self, c: Crossing, at: datetime) -> bool:
+        """Record a transition; False if the row already says so (another evaluation recorded it first): the
+        primary key and this condition, not only the evaluation lock, make each crossing fire once."""
+        row = await self._one(
+            "INSERT INTO alert_crossings (rule_id, subject_key, feature_id, period_start, threshold, crossed, "
+            "usage_at_cross, event_id, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (rule_id, subject_key, feature_id, period_start, threshold) DO UPDATE SET "
+            "crossed = EXCLUDED.crossed, usage_at_cross = EXCLUDED.usage_at_cross, event_id = EXCLUDED.event_id, "
+            "updated_at = EXCLUDED.updated_at, "
+            "times_crossed = alert_crossings.times_crossed + CASE WHEN EXCLUDED.crossed THEN 1 ELSE 0 END "
+            "WHERE alert_crossings.crossed IS DISTINCT FROM EXCLUDED.crossed RETURNING rule_id",
             (
                 c.rule_id,
                 c.subject_key,
@@ -225,6 +228,7 @@ class AlertSql(Sql):
                 at,
             ),
         )
+        return row is not None
 
     async def insert_event(
         self, e: Event, feature_key: str | None, channel_ids: Sequence[str], give_up_at: datetime
@@ -250,8 +254,6 @@ class AlertSql(Sql):
                 b"created_at, updated_at) VALUES (%s, %s, 'PENDING', %s, %s, %s, %s)",
                 (e.id, channel_id, e.created_at, give_up_at, e.created_at, e.created_at),
             )
-        # Wakes the senders of every process (delivered when this transaction commits).
-        await self._conn.execute(b"SELECT pg_notify('meterstream_alerts', %s)", (e.id,))
 
     async def event(self, event_id: str) -> Event | None:
         row = await self._one("SELECT * FROM notification_events e WHERE id = %s", (event_id,))
@@ -312,7 +314,6 @@ class AlertSql(Sql):
                 b"next_attempt_at = %(at)s, give_up_at = %(g)s, lease_token = NULL, updated_at = %(at)s",
                 {"e": event_id, "c": channel_id, "at": at, "g": give_up_at},
             )
-        await self._conn.execute(b"SELECT pg_notify('meterstream_alerts', %s)", (event_id,))
 
     # -- the outbox ------------------------------------------------------------------------------------
 
@@ -425,14 +426,6 @@ class AlertSql(Sql):
             (rule_id, entitlement_id, reset_at),
         )
         return row is not None
-
-    async def resets_since(self, since: datetime) -> list[tuple[str, str, datetime]]:
-        rows = await self._all(
-            "SELECT e.subject_key, r.entitlement_id, r.reset_at FROM usage_resets r "
-            "JOIN entitlements e ON e.id = r.entitlement_id WHERE r.created_at >= %s ORDER BY r.created_at",
-            (since,),
-        )
-        return [(r["subject_key"], r["entitlement_id"], r["reset_at"]) for r in rows]
 
     async def claim_sweep(self, now: datetime, next_at: datetime) -> bool:
         """Whether this process sweeps now (at most one does per interval)."""

@@ -40,6 +40,7 @@ RESERVED_HEADERS: Final = frozenset(
         "proxy-authorization",
         "proxy-connection",
         "expect",
+        "user-agent",
     }
 )
 
@@ -54,6 +55,8 @@ class Outcome:
     error: str | None = None
     #: Seconds the receiver asked to wait (``Retry-After`` on a 429 or 503).
     retry_after_s: float | None = None
+    #: Retrying cannot help (the URL may not be called): the delivery fails at once.
+    permanent: bool = False
 
     @property
     def ok(self) -> bool:
@@ -104,7 +107,7 @@ class WebhookSender:
             target = parse_url(url)
             address = await resolve(target, self._policy)
         except UrlRefused as exc:
-            return Outcome(None, "", took(), f"refused: {exc}")
+            return Outcome(None, "", took(), f"refused: {exc}", permanent=exc.permanent)
         headers = {
             **{k: v for k, v in custom_headers.items() if k.lower() not in RESERVED_HEADERS},
             "content-type": "application/json",

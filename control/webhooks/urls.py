@@ -19,7 +19,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class UrlRefused(ValueError):
-    """The URL may not be called (its reason is the message)."""
+    """The URL may not be called (its reason is the message); ``permanent`` unless a name did not resolve
+    (which may pass)."""
+
+    def __init__(self, reason: str, permanent: bool = True) -> None:
+        super().__init__(reason)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +106,7 @@ async def resolve(target: Target, policy: UrlPolicy) -> IPAddress:
         try:
             infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise UrlRefused(f"{target.host} does not resolve ({exc})") from None
+            raise UrlRefused(f"{target.host} does not resolve ({exc})", permanent=False) from None
         found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     refused = [a for a in found if not policy.allows(a)]
     if refused or not found:
