@@ -1,7 +1,7 @@
 """``python -m bench [scenario ...] [--smoke] [options]``: run the benchmarks, print one table.
 
-Scenarios: ingest, processing, freshness, limits, access, reservations, query (the default set), and soak
-(only when named). Raw results go to bench/results/bench-<time>.json. Benchmarks measure; they never fail
+Scenarios: ingest, processing, freshness, limits, access, reservations, alerts, query (the default set), and
+soak (only when named). Raw results go to bench/results/bench-<time>.json. Benchmarks measure; they never fail
 on a timing (a scenario that cannot run at all is an error).
 """
 
@@ -26,10 +26,11 @@ SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "limits": scenarios.limits,
     "access": scenarios.access,
     "reservations": scenarios.reservations,
+    "alerts": scenarios.alerts,
     "query": scenarios.query,
     "soak": scenarios.soak,
 }
-DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "query")
+DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "alerts", "query")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--query-events", type=int, help="events' worth of windows stored for the query scenario")
     parser.add_argument("--tutorial-query-events", type=int, help="rows loaded into SQLite/PostgreSQL for queries")
     parser.add_argument("--freshness-seconds", type=float, help="duration of the freshness run")
+    parser.add_argument("--alerts-seconds", type=float, help="seconds of probe events of the alerts run")
     parser.add_argument("--rate", type=float, help="events/s of the steady load (freshness, soak)")
     parser.add_argument("--no-baselines", action="store_true", help="Meterstream only (Quix Streams is skipped)")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of the measured processes")
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "query_events": args.query_events,
         "tutorial_query_events": args.tutorial_query_events,
         "freshness_seconds": args.freshness_seconds,
+        "alerts_seconds": args.alerts_seconds,
         "freshness_events_per_s": args.rate,
         "soak_events_per_s": args.rate,
         "profile": args.profile or None,

@@ -30,7 +30,7 @@ from bench.events import body_templates
 from bench.loadgen import Load, LoadResult, LoadSpec, run_load
 from bench.prefill import Prefill, PrefillSpec
 from bench.profile import Profiler
-from bench.stack import BenchStack, bench_stack, histogram
+from bench.stack import BenchStack, bench_stack, histogram, metric
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
 EVENTS_TOPIC = "meterstream.events"
@@ -65,6 +65,10 @@ class Sizes:
     reservation_saturation_s: float = 3.0
     #: Reserves (each then committed) timed one at a time for the breakdown.
     reservation_breakdown: int = 40
+    #: Seconds of probe events of the alerts scenario (one every ``alerts_probe_interval_s``, each for a
+    #: subject of its own), beside the freshness scenario's steady load.
+    alerts_seconds: float = 40.0
+    alerts_probe_interval_s: float = 0.2
     query_events: int = 10_000_000
     query_subjects: int = 10_000
     query_days: int = 30
@@ -107,6 +111,7 @@ SMOKE = Sizes(
     reservation_clients=(8,),
     reservation_saturation_s=1.5,
     reservation_breakdown=30,
+    alerts_seconds=4.0,
     query_events=100_000,
     query_subjects=500,
     query_runs=10,
@@ -1217,6 +1222,100 @@ def _print_breakdown(parts: dict[str, Any]) -> None:
             print(f"| {part} | {p['ms']:.3f} | {p['calls']:g} | {share} |")
         print(f"| not timed (the rules, pydantic, the event loop) | {b['untimed_in_service_mean_ms']:.3f} | | |")
     print()
+
+
+# -- 3e. alerts: from a threshold's crossing to its webhook -------------------------------------------------
+
+
+def alerts(sizes: Sizes, work: Path) -> list[Row]:
+    """From the 204 of a usage event that crosses a threshold to its webhook at a real receiver, beside the
+    freshness scenario's steady ingest load of other subjects; and, for the same events, the 204 to the
+    subject's entitlement value showing the usage (the freshness floor the alerts are built on). Probe
+    subjects each have a metered entitlement with a grant of 1,000 tokens and get one event of 850 (50 %
+    and 80 % of a 50 / 80 / 100 % rule crossed at once), one every ``alerts_probe_interval_s``
+    (bench/alerts.py)."""
+    from bench import alerts as al
+    from tests.helpers.webhooks import Receiver
+
+    stack = bench_stack(work / "alerts", METERSTREAM_SINK_ALERTS__ALLOW_PRIVATE_URLS="true")
+    stack.start_broker()
+    stack.start_control()
+    stack.start_sink()
+    stack.start_processors(1)
+    stack.start_ingest()
+    receiver = Receiver().start()
+    count = max(1, round(sizes.alerts_seconds / sizes.alerts_probe_interval_s))
+    subjects = tuple(f"alert-probe-{i:05d}" for i in range(count))
+    tail_s = 5.0  # the load goes on this long after the last probe: its alert is evaluated under load too
+    try:
+        made = al.setup(stack.query_url, receiver, subjects)
+        log(f"alerts: setup {made}")
+        _quiet(stack.pids()["sink"])  # the rule's first sweep and the setup's evaluations are done
+        probes = al.Probes(stack.ingest_url, stack.query_url, receiver)
+        poller = threading.Thread(target=probes.poll_values, daemon=True)
+        poller.start()
+        load = _steady_load(stack, sizes.freshness_events_per_s, 1.0 + sizes.alerts_seconds + tail_s, "alerts-")
+        sampler = ProcessSampler(stack.pids() | {"postgres": stack.postgres.pid}).start()
+        time.sleep(1.0)
+        with httpx.Client(timeout=10) as client:
+            due = time.monotonic()
+            for subject in subjects:
+                probes.send(client, subject)
+                due += sizes.alerts_probe_interval_s
+                time.sleep(max(0.0, due - time.monotonic()))
+        result = load.join()
+        load_ended = time.time()
+        probes.wait(30.0)
+        probes.stop()
+        usage = sampler.stop()
+        metrics = f"{stack.query_url}/metrics"
+        delivery = histogram(metrics, "meterstream_notification_delivery_seconds")
+        stored_lag = histogram(metrics, "meterstream_sink_freshness_seconds")
+        attempts = metric(metrics, "meterstream_notification_attempts_total")
+    finally:
+        receiver.stop()
+        stack.stop()
+    s = probes.summary(load_ended)
+    alert, value = s.pop("alert_s"), s.pop("value_s")
+    recorded, delivered = s.pop("recorded_s"), s.pop("delivered_s")
+    details = s | {
+        "alert_mean_s": sum(alert) / len(alert) if alert else None,
+        "value_mean_s": sum(value) / len(value) if value else None,
+        "recorded_p50_s": percentile(recorded, 50),
+        "recorded_p95_s": percentile(recorded, 95),
+        "recorded_max_s": max(recorded, default=None),
+        "delivered_p50_s": percentile(delivered, 50),
+        "delivered_p95_s": percentile(delivered, 95),
+        "delivered_max_s": max(delivered, default=None),
+        "sink_delivery_seconds": delivery,
+        "sink_accepted_to_stored_s": stored_lag,
+        "webhook_attempts": attempts,
+        "load_events_per_s": result.events_per_s,
+        "load_p99_ms": ms(percentile(result.latencies_s, 99)),
+        "load_failed": result.requests_failed,
+        "setup": made,
+        "processes": usage_dict(usage),
+    }
+    log(f"alerts: { {k: v for k, v in details.items() if k != 'series'} }")
+    every = f"{sizes.alerts_probe_interval_s * 1000:.0f} ms"
+    at = f"{s['probes']} probes, 1 every {every}, beside {result.events_per_s:,.0f} events/s"
+    if s["alerts_missing"]:
+        at += f"; {s['alerts_missing']} webhooks never came: a lower bound"
+    elif s["recorded_after_load_end"]:
+        at += f"; {s['recorded_after_load_end']} recorded only once the load stopped: a lower bound"
+    floor = "204 to the entitlement value (the floor)"
+    p95 = percentile(alert, 95)
+    return [
+        Row("alerts", f"204 to the 80% webhook received, p50, {at}", "s", percentile(alert, 50),
+            percentile(value, 50), floor, higher_is_better=False, details=details),
+        Row("alerts", f"204 to the 80% webhook received, p95, {at}", "s", p95, percentile(value, 95), floor,
+            higher_is_better=False, target="<= 5 s",
+            met=p95 is not None and p95 <= 5.0 and s["alerts_missing"] == 0 and s["webhooks_unverified"] == 0),
+        Row("alerts", f"204 to the 80% webhook received, max, {at}", "s", max(alert, default=None),
+            max(value, default=None), floor, higher_is_better=False),
+        Row("alerts", "204 to the crossing recorded (the payload's timestamp), p95", "s", percentile(recorded, 95)),
+        Row("alerts", "crossing recorded to the webhook received, p95", "s", percentile(delivered, 95)),
+    ]  # fmt: skip
 
 
 # -- 4. query --------------------------------------------------------------------------------------------
