@@ -23,7 +23,10 @@ from schemas.problems import MeterstreamError
 log = logging.getLogger(__name__)
 
 
-_PARTITIONS_TTL_S = 60.0
+#: How often the broker's metadata (the events topic's partition count) is re-read while it answers, and
+#: how often it is tried while it does not.
+_METADATA_EVERY_S = 5.0
+_METADATA_RETRY_S = 0.5
 
 
 class BrokerUnavailable(MeterstreamError):
@@ -50,17 +53,25 @@ class EventProducer:
             "logger": logging.getLogger("librdkafka.producer"),
         }
         self._fatal = False
+        self._partitions: int | None = None
+        #: Since when the broker is known not to answer (None: it answers). Requests meanwhile get a 503 at
+        #: once instead of each waiting out the produce timeout; the watcher clears it as soon as it answers.
+        self._down_since: float | None = None
+        self._down_reason = "the broker's metadata has not been read yet"
         self._producer = Producer(self._config)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="ingest-producer-poll", daemon=True)
         self._thread.start()
-        self._partitions: int | None = None
-        self._partitions_at = 0.0
+        self._read_metadata()  # once before serving (at start, not in a request), then in the background
+        self._watcher = threading.Thread(target=self._watch, name="ingest-producer-metadata", daemon=True)
+        self._watcher.start()
         #: Highest offset the broker acknowledged, per partition (for draining at shutdown).
         self.acknowledged: dict[int, int] = {}
 
     def _on_error(self, error: KafkaError) -> None:
         log.warning("kafka producer: %s", error)
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._mark_down(f"all brokers are down ({error.str()})")
         if error.fatal():
             # E.g. fenced after its messages timed out during a broker outage: an idempotent producer
             # cannot continue after a fatal error; the next request gets a fresh one.
@@ -78,21 +89,35 @@ class EventProducer:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
+    def _mark_down(self, reason: str) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        self._down_reason = reason
+
+    def _read_metadata(self) -> None:
+        try:
+            metadata = self._producer.list_topics(self._topic, timeout=min(2.0, self._timeout_s))
+        except KafkaException as exc:
+            self._mark_down(f"cannot read metadata of {self._topic}: {exc}")
+            return
+        topic = metadata.topics.get(self._topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            self._mark_down(f"topic {self._topic} is not available")
+        else:
+            self._partitions = len(topic.partitions)
+            self._down_since = None
+
+    def _watch(self) -> None:
+        """Read the events topic's metadata in the background (never in a request): its partition count, so
+        partitions added to the topic are used without a restart, and whether the broker answers at all."""
+        while not self._stop.wait(_METADATA_RETRY_S if self._down_since is not None else _METADATA_EVERY_S):
+            self._read_metadata()
+
     def partitions(self) -> int:
-        """Partition count of the events topic, from the broker; re-read every minute, so partitions added
-        to the topic are used without a restart."""
-        now = time.monotonic()
-        if self._partitions is None or now - self._partitions_at > _PARTITIONS_TTL_S:
-            try:
-                metadata = self._producer.list_topics(self._topic, timeout=self._timeout_s)
-            except KafkaException as exc:
-                if self._partitions is not None:
-                    return self._partitions  # keep going on what we know; produce will tell if it is down
-                raise BrokerUnavailable(f"cannot read metadata of {self._topic}: {exc}") from exc
-            topic = metadata.topics.get(self._topic)
-            if topic is None or topic.error is not None or not topic.partitions:
-                raise BrokerUnavailable(f"topic {self._topic} is not available")
-            self._partitions, self._partitions_at = len(topic.partitions), now
+        """Partition count of the events topic, as last read by the watcher (never waits: BrokerUnavailable
+        at once while the broker does not answer)."""
+        if self._down_since is not None or self._partitions is None:
+            raise BrokerUnavailable(self._down_reason)
         return self._partitions
 
     async def send(self, records: Sequence[tuple[int, bytes]], timestamp_ms: int) -> list[int]:
@@ -103,6 +128,8 @@ class EventProducer:
         """
         if not records:
             return []
+        if self._down_since is not None:
+            raise BrokerUnavailable(self._down_reason)
         self._renew_if_broken()
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[int]] = []
@@ -111,6 +138,8 @@ class EventProducer:
             def on_delivery(error: KafkaError | None, message: Message) -> None:
                 if error is not None and (error.fatal() or error.code() in _PRODUCER_STATE_LOST):
                     self._fatal = True
+                if error is not None and error.code() in _BROKER_AWAY:
+                    self._mark_down(f"delivery failed: {error.str()}")
                 partition, offset = message.partition(), message.offset()
                 if (
                     error is None
@@ -144,20 +173,16 @@ class EventProducer:
         except TimeoutError as exc:
             raise BrokerUnavailable("the broker did not acknowledge in time") from exc
 
-    def ping(self, timeout_s: float = 2.0) -> bool:
-        """Whether the broker answers a metadata request for the events topic."""
-        try:
-            metadata = self._producer.list_topics(self._topic, timeout=timeout_s)
-        except KafkaException:
-            return False
-        topic = metadata.topics.get(self._topic)
-        return topic is not None and topic.error is None
+    def ping(self) -> bool:
+        """Whether the broker answered the watcher's last metadata request (never waits)."""
+        return self._down_since is None and self._partitions is not None
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush what is queued, then stop. Returns the number of records still undelivered."""
         remaining: int = self._producer.flush(timeout_s)
         self._stop.set()
         self._thread.join(timeout=2)
+        self._watcher.join(timeout=3)
         return remaining
 
 
@@ -174,6 +199,10 @@ _PRODUCER_STATE_LOST = frozenset(
         KafkaError._FATAL,
     }
 )
+
+
+#: Delivery errors that mean the broker is not answering (not a problem of the record).
+_BROKER_AWAY = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN})
 
 
 def _settle(future: asyncio.Future[int], error: KafkaError | None, offset: int) -> None:

@@ -3,6 +3,7 @@ who may call each route (API keys and portal tokens, checked before the route ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -29,6 +30,8 @@ from schemas.problems import Problem
 log = logging.getLogger(__name__)
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
+#: How long a readiness check may take before it counts as failed.
+READY_TIMEOUT_S = 3.0
 
 #: name -> check that raises (or returns False) when the dependency is not usable.
 Checks = dict[str, Callable[[], Any]]
@@ -127,11 +130,15 @@ def build_app(
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     async def readyz(request: Request) -> Response:
+        # The checks may wait on the network (a ClickHouse ping): in threads, never on the loop, and bounded.
         failures = {}
         for name, check in readiness.items():
             try:
-                if check() is False:
-                    failures[name] = "not ready"
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    if await asyncio.to_thread(check) is False:
+                        failures[name] = "not ready"
+            except TimeoutError:
+                failures[name] = f"no answer within {READY_TIMEOUT_S:g}s"
             except Exception as exc:
                 failures[name] = str(exc)[:200]
         if failures:
@@ -143,7 +150,8 @@ def build_app(
         return Response(b'{"status":"ready"}', media_type="application/json")
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        # Some collectors query storage (the engine's memory accounting): off the loop.
+        return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI.read_bytes(), media_type="application/yaml")
