@@ -381,8 +381,8 @@ class ChannelIn(_In):
         for name, text in (value or {}).items():
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}", name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
-            if any(c in text for c in "\r\n\x00"):
-                raise ValueError(f"the value of {name} must not contain line breaks or NUL")
+            if not text.isascii() or any(not c.isprintable() for c in text):
+                raise ValueError(f"the value of {name} must be printable ASCII (no line breaks or control characters)")
         return value
 
 

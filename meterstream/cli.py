@@ -13,8 +13,15 @@ from meterstream.logs import configure_logging
 
 
 def _time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    """An RFC 3339 time with its offset (``2025-01-01T00:00:00Z``), as the API takes it: a time without one
+    is refused rather than guessed to be UTC."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an RFC 3339 time (e.g. 2025-01-01T00:00:00Z)") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{value!r} has no time zone offset: add Z or +HH:MM, as the API requires")
+    return parsed.astimezone(UTC)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -58,9 +58,10 @@ def _filter_object(field: str, raw: Any) -> dict[str, tuple[str, ...]]:
 def _advanced(raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     field = "advancedMeterGroupByFilters"
     if isinstance(raw, str):
+        _bounded(field, raw)
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise bad(field, "must be a JSON object") from None
     if not isinstance(raw, Mapping):
         raise bad(field, "must be an object of group-by key to filter")
@@ -82,11 +83,34 @@ def _advanced(raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str
     return include, exclude
 
 
+#: Longest and most deeply nested filter accepted in a query string (a valid one is a flat object).
+MAX_FILTER_CHARS = 16_384
+MAX_FILTER_DEPTH = 8
+
+
+def _bounded(field: str, raw: str) -> None:
+    """Refuse a filter too long or too deeply nested to be a filter, before a parser recurses into it."""
+    if len(raw) > MAX_FILTER_CHARS:
+        raise bad(field, f"is longer than {MAX_FILTER_CHARS} characters")
+    depth = deepest = 0
+    for c in raw:  # brackets inside strings count too: an overestimate, harmless for a flat object
+        if c in "{[(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "}])":
+            depth -= 1
+    if deepest > MAX_FILTER_DEPTH:
+        raise bad(field, f"nests deeper than {MAX_FILTER_DEPTH} levels")
+
+
 def _bare_filter(raw: str) -> Any:
+    """``filterGroupBy`` as one object: JSON, or the Python literal some clients send (``{'model': 'x'}``,
+    read by ``ast.literal_eval``: literals only, never code, and only after the bounds above)."""
+    _bounded("filterGroupBy", raw)
     for parse in (json.loads, ast.literal_eval):
         try:
             return parse(raw)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
             continue
     raise bad("filterGroupBy", "must be filterGroupBy[key]=value, or an object")
 

@@ -11,9 +11,11 @@ flight per process and ``per_channel`` per channel, so a slow receiver holds up 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -62,6 +64,19 @@ class Sender(Protocol):
     async def send(
         self, url: str, custom_headers: Mapping[str, str], secret: str, event_id: str, body: str
     ) -> Outcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """An attempt that failed before a request was made (a bug)."""
+
+    error: str | None
+    status_code: int | None = None
+    body: str = ""
+    duration_ms: int = 0
+    retry_after_s: float | None = None
+    ok: bool = False
+    permanent: bool = False
 
 
 class Deliverer:
@@ -126,15 +141,19 @@ class Deliverer:
             log.warning(
                 "alerts: outcome of %s to %s not recorded (%s); it is sent again", lease.event.id, channel_id, exc
             )
-        except Exception:
+        except Exception as exc:
+            # A bug, not the receiver: recorded as a failed attempt (retried within the horizon, then FAILED),
+            # never left SENDING for ever.
             log.exception("alerts: delivering %s to %s failed", lease.event.id, channel_id)
+            with contextlib.suppress(Exception):
+                await self._record(lease, _Failed(f"internal error: {type(exc).__name__}: {exc}"[:300]))
         finally:
             self._per_channel[channel_id] -= 1
             if not self._per_channel[channel_id]:
                 del self._per_channel[channel_id]
 
     async def _attempt(self, lease: Lease) -> None:
-        d, c, e = lease.delivery, lease.channel, lease.event
+        c, e = lease.channel, lease.event
         started = self._control.now()
         if c is None or c.deleted_at is not None or c.disabled:
             why = "the channel was deleted" if c is None or c.deleted_at is not None else "the channel is disabled"
@@ -144,7 +163,13 @@ class Deliverer:
             FAILED.labels("channel").inc()
             return
         out = await self._sender.send(c.url, c.custom_headers, c.signing_secret, e.id, e.payload)
+        await self._record(lease, out, started)
+
+    async def _record(self, lease: Lease, out: Outcome, started: datetime | None = None) -> None:
+        """The attempt's outcome and what comes next: delivered, retried after a backoff, or given up."""
+        d, c, e = lease.delivery, lease.channel, lease.event
         now = self._control.now()
+        started = started or now
         n = d.attempts + 1
         attempt = Attempt(
             started,
@@ -152,7 +177,7 @@ class Deliverer:
             out.status_code,
             out.body,
             out.duration_ms,
-            c.url,
+            c.url if c is not None else None,
         )
         if out.ok:
             state, reason, next_at = DeliveryState.SUCCESS, "", None
@@ -180,4 +205,4 @@ class Deliverer:
             LATENCY.observe(max(0.0, (now - sent_from).total_seconds()))
         elif state is DeliveryState.FAILED:
             FAILED.labels("gave_up").inc()
-            log.warning("alerts: gave up delivering %s to channel %s: %s", e.id, c.id, reason)
+            log.warning("alerts: gave up delivering %s to channel %s: %s", e.id, d.channel_id, reason)

@@ -71,7 +71,7 @@ def new_secret() -> str:
 
 
 def _is_ulid(text: str) -> bool:
-    return (
+    return text.isascii() and (
         len(text) == 26 and text[0] in "01234567" and all(c in "0123456789ABCDEFGHJKMNPQRSTVWXYZ" for c in text.upper())
     )
 

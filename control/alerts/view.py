@@ -142,7 +142,7 @@ def sample_payload(event_id: str, r: Rule, at: datetime) -> str:
             "id": "01J00000000000000000000000",
             "type": "metered",
             "subjectKey": "test-subject",
-            "featureKey": "test-feature",
+            "featureKey": "test_feature",
             "featureId": "01J00000000000000000000001",
             "createdAt": iso,
             "updatedAt": iso,
@@ -157,7 +157,7 @@ def sample_payload(event_id: str, r: Rule, at: datetime) -> str:
         },
         "feature": {
             "id": "01J00000000000000000000001",
-            "key": "test-feature",
+            "key": "test_feature",
             "name": "Test feature",
             "createdAt": iso,
             "updatedAt": iso,

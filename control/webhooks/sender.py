@@ -108,6 +108,8 @@ class WebhookSender:
             address = await resolve(target, self._policy)
         except UrlRefused as exc:
             return Outcome(None, "", took(), f"refused: {exc}", permanent=exc.permanent)
+        except Exception as exc:  # anything the resolver raises about this URL will not pass by retrying
+            return Outcome(None, "", took(), f"refused: {type(exc).__name__}: {exc}"[:300], permanent=True)
         headers = {
             **{k: v for k, v in custom_headers.items() if k.lower() not in RESERVED_HEADERS},
             "content-type": "application/json",
@@ -115,13 +117,16 @@ class WebhookSender:
             "host": target.host if target.port in (80, 443) else f"{target.host}:{target.port}",
             **sign(secret, event_id, datetime.now(UTC), body),
         }
-        request = self._client.build_request(
-            "POST",
-            httpx.URL(url).copy_with(host=str(address)),
-            headers=headers,
-            content=body.encode(),
-            extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
-        )
+        try:
+            request = self._client.build_request(
+                "POST",
+                httpx.URL(url).copy_with(host=str(address)),
+                headers=headers,
+                content=body.encode(),
+                extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
+            )
+        except Exception as exc:  # a header or URL httpx cannot send (refused when saved since): never passes
+            return Outcome(None, "", took(), f"cannot be sent: {type(exc).__name__}: {exc}"[:300], permanent=True)
         try:
             async with asyncio.timeout(self._timeout_s):
                 response = await self._client.send(request, stream=True)

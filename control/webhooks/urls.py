@@ -75,14 +75,27 @@ def parse_url(url: str) -> Target:
         raise UrlRefused("must not contain a user name or password (send credentials in customHeaders)")
     if parts.fragment:
         raise UrlRefused("must not have a fragment (#...)")
+    if literal(parts.hostname) is None:
+        try:
+            parts.hostname.encode("idna")
+        except UnicodeError:
+            raise UrlRefused(f"has a host name that is not valid ({parts.hostname})") from None
     return Target(url, parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80))
 
 
 def literal(host: str) -> IPAddress | None:
+    """The address a host written as one names: standard forms, and the shorthand IPv4 forms resolvers also
+    take (``127.1``, ``2130706433``, ``0x7f.0.0.1``)."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
-        return None
+        pass
+    if host.isascii() and all(c.isalnum() or c == "." for c in host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
 
 
 def check_saved(url: str, policy: UrlPolicy) -> None:
@@ -105,7 +118,7 @@ async def resolve(target: Target, policy: UrlPolicy) -> IPAddress:
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise UrlRefused(f"{target.host} does not resolve ({exc})", permanent=False) from None
         found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     refused = [a for a in found if not policy.allows(a)]

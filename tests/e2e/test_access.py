@@ -77,9 +77,9 @@ NEEDS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/reservations/{}/commit"): INGEST,
     ("POST", "/api/v1/reservations/{}/release"): INGEST,
     ("POST", "/api/v1/estimate"): INGEST,
-    ("GET", "/api/v1/notification/channels"): READ,
+    ("GET", "/api/v1/notification/channels"): ADMIN,  # signing secrets and headers are credentials
     ("POST", "/api/v1/notification/channels"): ADMIN,
-    ("GET", "/api/v1/notification/channels/{}"): READ,
+    ("GET", "/api/v1/notification/channels/{}"): ADMIN,
     ("PUT", "/api/v1/notification/channels/{}"): ADMIN,
     ("DELETE", "/api/v1/notification/channels/{}"): ADMIN,
     ("GET", "/api/v1/notification/rules"): READ,

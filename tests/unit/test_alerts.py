@@ -182,3 +182,34 @@ def test_signature_verifies_with_the_library_and_binds_id_time_and_body() -> Non
 
     local = datetime.now(ZoneInfo("America/New_York"))
     assert Webhook(secret).verify(body, sign(secret, "E1", local, body))
+
+
+def test_hosts_and_headers_that_cannot_be_sent_are_refused_when_saved() -> None:
+    for url in (
+        "http://a..b/hook",
+        f"http://{'x' * 64}.example.com/",
+        "http://2130706433/",
+        "http://127.1/",
+        "http://0x7f.0.0.1/",
+    ):
+        with pytest.raises(UrlRefused):
+            check_saved(url, UrlPolicy())
+    with pytest.raises(Problem):
+        parse(
+            ChannelIn,
+            {"type": "WEBHOOK", "name": "n", "url": "https://x.example", "customHeaders": {"x-team": "équipe"}},
+        )
+
+
+async def test_the_sender_answers_every_url_with_an_outcome() -> None:
+    """Nothing it is given makes it raise (a raise would leave a delivery SENDING for ever)."""
+    from control.webhooks.sender import WebhookSender
+
+    sender = WebhookSender(UrlPolicy(), connect_timeout_s=0.5, timeout_s=0.5, max_response_bytes=16, user_agent="t")
+    try:
+        for url, headers in (("http://a..b/", {}), ("http://127.0.0.1:9/", {}), ("https://8.8.8.8/", {"x": "é"})):
+            out = await sender.send(url, headers, new_secret(), "E1", "{}")
+            assert not out.ok
+            assert out.error
+    finally:
+        await sender.close()

@@ -234,3 +234,23 @@ class TestRender:
     )
     def test_accept(self, accept: str | None, csv_wanted: bool) -> None:
         assert wants_csv(accept) is csv_wanted
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        (("filterGroupBy", "[" * 100_000 + "]" * 100_000),),  # ast.literal_eval / json recursed: a 500 before
+        (("filterGroupBy", "{'model': " * 3000 + "'x'" + "}" * 3000),),
+        (("advancedMeterGroupByFilters", '{"model": ' * 5000 + "1" + "}" * 5000),),
+        (("filterGroupBy", "{'model': '" + "x" * 20_000 + "'}"),),
+    ],
+)
+def test_deeply_nested_or_huge_filters_are_a_400(items: tuple[tuple[str, str], ...]) -> None:
+    with pytest.raises(Problem) as err:
+        q(*items)
+    assert err.value.status == 400
+
+
+def test_a_python_literal_filter_still_works() -> None:
+    query = q(("filterGroupBy", "{'model': 'gpt-4o'}"))
+    assert query.include["model"] == ("gpt-4o",)
