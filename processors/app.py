@@ -22,6 +22,7 @@ import os
 import shutil
 import ssl
 import tempfile
+from pathlib import Path
 from typing import Any, Final
 
 import faust
@@ -63,7 +64,9 @@ class Processor:
         self.assigned: set[int] = set()
         self._unpriced_labels: set[tuple[str, str]] = set()
         # Faust insists on a data directory even with in-memory tables; it stays empty and goes at stop().
-        self._datadir = tempfile.mkdtemp(prefix="meterstream-faust-")
+        # Named after this process, so one left by a killed processor is recognised and removed (here).
+        remove_stale_datadirs()
+        self._datadir = tempfile.mkdtemp(prefix=f"{DATADIR_PREFIX}{os.getpid()}-")
         self.app = self._build_app()
 
     async def start(self) -> None:
@@ -209,6 +212,31 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+DATADIR_PREFIX = "meterstream-faust-"
+
+
+def remove_stale_datadirs(root: Path | None = None) -> list[Path]:
+    """Remove the data directories of processors that are gone (killed: a clean stop removes its own)."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{DATADIR_PREFIX}*-*"):
+        pid_text = path.name[len(DATADIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -218,15 +246,35 @@ class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
 
 
+#: librdkafka's TLS settings (ingest and the sink pass them to librdkafka as they are), read here into the
+#: TLS context the processor's client (aiokafka) takes.
+_TLS_KEYS = frozenset({"ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.key.password"})
+
+
+def _tls(extra: dict[str, str]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=extra.get("ssl.ca.location"))
+    if "ssl.certificate.location" in extra:  # mutual TLS: the client's certificate and key
+        context.load_cert_chain(
+            extra["ssl.certificate.location"], extra.get("ssl.key.location"), extra.get("ssl.key.password")
+        )
+    return context
+
+
 def _credentials(settings: ProcessorSettings) -> Any:
+    """The broker credentials for Faust, from the same settings ingest and the sink use; settings in
+    ``KAFKA__EXTRA`` that have no equivalent here are named in a warning at start, not silently dropped."""
     kafka = settings.kafka
+    ignored = sorted(set(kafka.extra) - _TLS_KEYS)
+    if ignored:
+        log.warning("processor: KAFKA__EXTRA settings %s apply to ingest and the sink only (librdkafka)", ignored)
+    tls = kafka.security_protocol in ("SSL", "SASL_SSL")
     if kafka.security_protocol.startswith("SASL") and kafka.sasl_username and kafka.sasl_password:
         return faust.SASLCredentials(
             username=kafka.sasl_username,
             password=kafka.sasl_password.get_secret_value(),
             mechanism=kafka.sasl_mechanism or "PLAIN",
-            ssl_context=ssl.create_default_context() if kafka.security_protocol == "SASL_SSL" else None,
+            ssl_context=_tls(kafka.extra) if tls else None,
         )
     if kafka.security_protocol == "SSL":
-        return faust.SSLCredentials(ssl.create_default_context())
+        return faust.SSLCredentials(_tls(kafka.extra))
     return None
