@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -116,6 +118,16 @@ def _protect(routes: Sequence[BaseRoute], access: Access) -> list[BaseRoute]:
     return out
 
 
+def _render_metrics() -> bytes:
+    """This process's metrics; with several worker processes (ingest's ``WORKERS``: Prometheus's
+    multiprocess mode), every worker's, summed, whichever worker answers."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
+
+
 def build_app(
     routes: Sequence[BaseRoute],
     readiness: Checks,
@@ -151,7 +163,7 @@ def build_app(
 
     async def metrics(request: Request) -> Response:
         # Some collectors query storage (the engine's memory accounting): off the loop.
-        return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
+        return Response(await asyncio.to_thread(_render_metrics), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Request) -> Response:
         return Response(OPENAPI.read_bytes(), media_type="application/yaml")

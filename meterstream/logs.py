@@ -22,8 +22,19 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(body).decode()
 
 
+class QuietServiceStates(logging.Filter):
+    """Drops Faust's (mode's) service state lines below WARNING (``[^-_Consumer]: Starting...``): they name
+    internal services starting and stopping, and come under our processor's logger because its consumer
+    thread subclasses theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not str(record.msg).startswith("[^")
+
+
 def configure_logging(level: str = "INFO") -> None:
+    """Human-readable lines on a terminal, one JSON object per line otherwise (to a collector)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(QuietServiceStates())
     if sys.stderr.isatty():
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     else:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -271,7 +274,18 @@ def run_ingest(settings: IngestSettings) -> None:
     if settings.workers == 1:
         _run(ingest_app(settings), settings.host, settings.port, settings.log_level)
         return
-    # Several processes on one port; uvicorn's supervisor forwards SIGTERM and each worker drains.
+    # Several processes on one port; uvicorn's supervisor forwards SIGTERM and each worker drains. Their
+    # metrics go to files in a directory of this run (Prometheus's multiprocess mode, set before the
+    # workers import the client), and each worker's /metrics sums every worker's.
+    metrics_dir = tempfile.mkdtemp(prefix="meterstream-ingest-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run_workers(settings)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(settings: IngestSettings) -> None:
     uvicorn.run(
         "meterstream.services:ingest_app_from_environment",
         factory=True,
