@@ -152,7 +152,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         configure_logging("INFO")
         settings = ProcessorSettings()
-        ensure_topics(settings.kafka, settings.topics)
+        ensure_topics(settings.kafka, settings.topics, allowed_lateness_s=settings.allowed_lateness_s)
         print(f"topics ready on {settings.kafka.bootstrap_servers}")
         return 0
     if args.command == "reconcile":

@@ -301,7 +301,7 @@ def _run_workers(settings: IngestSettings) -> None:
 
 
 def processor_app(settings: ProcessorSettings) -> Starlette:
-    ensure_topics(settings.kafka, settings.topics)
+    ensure_topics(settings.kafka, settings.topics, allowed_lateness_s=settings.allowed_lateness_s)
     processor = Processor(
         settings, make_pricer(settings.price_overrides), topic_id(settings.kafka, settings.topics.events)
     )
@@ -448,7 +448,7 @@ def local_app(local: LocalSettings) -> Starlette:
             "clickhouse": ClickHouseSettings(dsn=f"chdb://{data_dir / 'clickhouse'}", database="meterstream"),
         }
     )
-    ensure_topics(kafka, topics)
+    ensure_topics(kafka, topics, allowed_lateness_s=processor_settings.allowed_lateness_s, single_broker=True)
     events_topic_id = topic_id(kafka, topics.events)
     postgres = local.postgres
     embedded_pg = None

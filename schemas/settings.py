@@ -53,7 +53,29 @@ class TopicSettings(BaseModel):
     dead_letter: str = "meterstream.dead-letter"
     #: Partitions of the events and windows topics (the unit of processor parallelism).
     partitions: int = Field(default=4, ge=1, le=1024)
+    #: Copies of every record. 1 keeps a record on one broker only (a lost disk loses acknowledged events:
+    #: a warning at every start says so); production runs 3 brokers and 3 (deploy/SCALING.md).
     replication_factor: int = Field(default=1, ge=1)
+    #: Copies that must have a record before ingest is answered (``acks=all``); default: all but one copy.
+    min_insync_replicas: int | None = Field(default=None, ge=1)
+    #: How long the broker keeps records (events and windows topics): the longest outage of the processors or
+    #: the sink survived without loss. Above the processor's allowed lateness plus a margin (checked at start).
+    retention_s: int = Field(default=14 * 24 * 3600, ge=3600)
+    #: The dead-letter topic keeps its records longer: they are there to be looked at.
+    dead_letter_retention_s: int = Field(default=30 * 24 * 3600, ge=3600)
+
+    @property
+    def min_insync(self) -> int:
+        return self.min_insync_replicas or max(1, self.replication_factor - 1)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> TopicSettings:
+        if self.min_insync > self.replication_factor:
+            raise ValueError(
+                f"min_insync_replicas ({self.min_insync}) is above replication_factor ({self.replication_factor}):"
+                " no write could ever be acknowledged"
+            )
+        return self
 
 
 class ClickHouseSettings(BaseModel):

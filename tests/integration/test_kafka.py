@@ -179,3 +179,26 @@ async def test_processor_turns_each_record_into_one_output(kafka: KafkaSettings,
     assert set(by_source) == {(p, o) for p, o, _, _ in inputs}
     counted = sum(w["requests"] for r in by_source.values() for w in r["windows"])
     assert counted == 500
+
+
+def test_topics_are_created_with_explicit_durability_and_weak_settings_are_named(kafka: KafkaSettings) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from meterstream.topics import ensure_topics
+
+    name = f"durable-{time.monotonic_ns()}"
+    topics = TopicSettings(events=f"{name}.e", windows=f"{name}.w", dead_letter=f"{name}.d", partitions=2)
+    # The defaults cover the default lateness (7 days) with a margin: only the single copy is named.
+    warnings = ensure_topics(kafka, topics, allowed_lateness_s=7 * 86400)
+    assert len(warnings) == 1
+    assert "on 1 broker" in warnings[0]
+    assert ensure_topics(kafka, topics, allowed_lateness_s=7 * 86400, single_broker=True) == []
+    admin = AdminClient(kafka.to_librdkafka())
+    for topic, days in ((topics.events, 14), (topics.windows, 14), (topics.dead_letter, 30)):
+        resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        configs = admin.describe_configs([resource])[resource].result(timeout=10)
+        assert int(configs["retention.ms"].value) == days * 86400 * 1000
+    # A lateness the retention does not cover is named for the events and windows topics.
+    warnings = ensure_topics(kafka, topics, allowed_lateness_s=20 * 86400, single_broker=True)
+    assert [w.split()[0] for w in warnings] == [topics.events, topics.windows]
+    assert "less than the allowed lateness" in warnings[0]

@@ -70,3 +70,16 @@ def test_meters_are_openmeter_shaped() -> None:
         "cost_usd",
         "unpriced_requests",
     }
+
+
+def test_topic_durability_settings() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from schemas.settings import TopicSettings
+
+    assert TopicSettings().min_insync == 1
+    assert TopicSettings(replication_factor=3).min_insync == 2
+    assert TopicSettings().retention_s == 14 * 86400
+    with pytest.raises(ValidationError, match="no write could ever be acknowledged"):
+        TopicSettings(replication_factor=1, min_insync_replicas=2)
