@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tutorial-query-events", type=int, help="rows loaded into SQLite/PostgreSQL for queries")
     parser.add_argument("--freshness-seconds", type=float, help="duration of the freshness run")
     parser.add_argument("--alerts-seconds", type=float, help="seconds of probe events of the alerts run")
-    parser.add_argument("--rate", type=float, help="events/s of the steady load (freshness, soak)")
+    parser.add_argument("--rate", type=float, help="events/s of the steady load (freshness, limits, alerts, soak)")
     parser.add_argument("--no-baselines", action="store_true", help="Meterstream only (Quix Streams is skipped)")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of the measured processes")
     parser.add_argument("--work-dir", type=Path, help="where the stacks keep their data (default: a temp dir)")

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Evaluations running at once per process (each holds two pooled connections while it reads the value).
 CONCURRENT_EVALUATIONS: Final = 2
+#: Kicked subjects screened for a metered entitlement in one query.
+SCREEN_AT_ONCE: Final = 1000
 #: A subject whose evaluation failed (PostgreSQL or ClickHouse away) is tried again after this long.
 RETRY_EVALUATION_S: Final = 2.0
 #: An evaluation failing for another reason than an unreachable store is given up after this many tries.
@@ -95,7 +97,9 @@ class AlertService:
         self._store = control.store
         self._settings = settings
         self._policy = UrlPolicy.of(settings.allow_private_urls, settings.allowed_networks)
-        self._dirty: set[str] = set()
+        #: Subjects to evaluate, in the order they were first kicked (a busy subject kicked again by every
+        #: write keeps its place and does not get ahead of one kicked once).
+        self._dirty: dict[str, None] = {}
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._evaluating: set[str] = set()
@@ -364,7 +368,8 @@ class AlertService:
 
     def kick(self, subjects: Sequence[str] | set[str]) -> None:
         """Evaluate these subjects soon (on this process's loop)."""
-        self._dirty.update(subjects)
+        for subject in subjects:
+            self._dirty.setdefault(subject)
         self._wake.set()
 
     def kick_threadsafe(self, subjects: set[str]) -> None:
@@ -392,16 +397,44 @@ class AlertService:
                 if await self._sweep(force=self._sweep_now):
                     self._sweep_now = False
                 sweep_at = loop_time + self._settings.sweep_interval_s
-            due = [s for s in self._dirty if self._retry_at.get(s, 0.0) <= loop_time and s not in self._evaluating]
-            for subject in due[: max(0, CONCURRENT_EVALUATIONS - len(running))]:
-                self._dirty.discard(subject)
-                task = asyncio.create_task(self._evaluate_logged(subject))
-                running.add(task)
-                task.add_done_callback(running.discard)
+            free = CONCURRENT_EVALUATIONS - len(running)
+            if free > 0 and self._dirty:
+                for subject in await self._next_subjects(loop_time, free):
+                    task = asyncio.create_task(self._evaluate_logged(subject))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
             waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
             waits.extend(running)
             _done, _pending = await asyncio.wait(waits, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
             waits[0].cancel()
+
+    async def _next_subjects(self, loop_time: float, free: int) -> list[str]:
+        """Up to ``free`` kicked subjects to evaluate now, oldest kick first. Subjects that cannot alert (no
+        live metered entitlement, or no live rule at all) are dropped in one query for many of them, so a
+        write touching thousands of subjects costs one round trip, not thousands of transactions."""
+        candidates = [s for s in self._dirty if self._retry_at.get(s, 0.0) <= loop_time and s not in self._evaluating][
+            :SCREEN_AT_ONCE
+        ]
+        if not candidates:
+            return []
+        try:
+            async with self._store.tx() as tx:
+                if await tx.live_rules(BALANCE_THRESHOLD) or await tx.live_rules(RESET):
+                    relevant = set(await tx.metered_subjects(candidates))
+                else:
+                    relevant = set()
+        except StoreUnavailable:
+            for subject in candidates:  # tried again shortly, in place
+                self._retry_at[subject] = loop_time + RETRY_EVALUATION_S
+            return []
+        chosen: list[str] = []
+        for subject in candidates:
+            if subject not in relevant:
+                del self._dirty[subject]
+            elif len(chosen) < free:
+                del self._dirty[subject]
+                chosen.append(subject)
+        return chosen
 
     async def _evaluate_logged(self, subject: str) -> None:
         self._evaluating.add(subject)
@@ -424,7 +457,7 @@ class AlertService:
                 self._failures.pop(subject, None)
                 return
             log.warning("alerts: evaluating %s failed (%s); retrying", subject, exc)
-            self._dirty.add(subject)
+            self._dirty.setdefault(subject)
             assert self._loop is not None
             self._retry_at[subject] = self._loop.time() + min(30.0, RETRY_EVALUATION_S * failures)
             self._wake.set()
@@ -442,7 +475,7 @@ class AlertService:
                     return True
                 if not await tx.live_rules(BALANCE_THRESHOLD) and not await tx.live_rules(RESET):
                     return True
-                subjects = await tx.metered_subjects()
+                subjects = await tx.metered_subjects(None)
         except StoreUnavailable:
             return False
         self.kick(subjects)

@@ -437,11 +437,19 @@ class AlertSql(Sql):
         )
         return row is not None
 
-    async def metered_subjects(self) -> list[str]:
-        rows = await self._all(
-            "SELECT DISTINCT subject_key FROM entitlements WHERE type = 'metered' AND deleted_at IS NULL "
-            "ORDER BY subject_key"
-        )
+    async def metered_subjects(self, among: Sequence[str] | None) -> list[str]:
+        """Subjects with a live metered entitlement (all of them, or those of ``among``)."""
+        if among is None:
+            rows = await self._all(
+                "SELECT DISTINCT subject_key FROM entitlements WHERE type = 'metered' AND deleted_at IS NULL "
+                "ORDER BY subject_key"
+            )
+        else:
+            rows = await self._all(
+                "SELECT DISTINCT subject_key FROM entitlements WHERE type = 'metered' AND deleted_at IS NULL "
+                "AND subject_key = ANY (%s)",
+                (list(among),),
+            )
         return [r["subject_key"] for r in rows]
 
 

@@ -116,7 +116,7 @@ class Receiver:
             (r.payload["type"], r.payload["data"].get("subject", {}).get("key"), r.payload["data"].get("threshold"))
             for r in self.delivered()
         ]
-        raise AssertionError(f"not received in {timeout_s}s; got {got[-20:]}")
+        raise AssertionError(f"not received in {timeout_s}s; got {seen[-20:]}")
 
 
 @contextmanager
