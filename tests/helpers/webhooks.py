@@ -112,7 +112,7 @@ class Receiver:
             if check(got):
                 return got
             time.sleep(0.05)
-        got = [
+        seen = [
             (r.payload["type"], r.payload["data"].get("subject", {}).get("key"), r.payload["data"].get("threshold"))
             for r in self.delivered()
         ]
