@@ -171,11 +171,18 @@ class EventProducer:
             async with asyncio.timeout(self._timeout_s + 1):
                 return list(await asyncio.gather(*futures))
         except TimeoutError as exc:
+            self._mark_down("the broker did not acknowledge in time")
             raise BrokerUnavailable("the broker did not acknowledge in time") from exc
 
     def ping(self) -> bool:
-        """Whether the broker answered the watcher's last metadata request (never waits)."""
-        return self._down_since is None and self._partitions is not None
+        """Whether the broker answers now: False at once while it is known to be away, otherwise a metadata
+        read of its own (up to 2 s; callers run it in a thread, never on the loop). The watcher's last answer
+        alone can be 5 s old, and a broker that stopped answering (a paused node keeps its connections)
+        would look ready until the watcher's next read timed out."""
+        if self._down_since is not None or self._partitions is None:
+            return False
+        self._read_metadata()
+        return self._down_since is None
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush what is queued, then stop. Returns the number of records still undelivered."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -69,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--from", dest="start", type=_time, required=True, help="RFC 3339 start (inclusive)")
     reconcile.add_argument("--to", dest="end", type=_time, required=True, help="RFC 3339 end (exclusive)")
+
+    gap = commands.add_parser(
+        "accept-gap",
+        help="record source offsets as lost for good, so a sink held behind them goes on (its readiness names them)",
+    )
+    gap.add_argument("--url", default="http://127.0.0.1:8889", help="the sink's API (local mode: port 8888)")
+    gap.add_argument(
+        "--key", default=os.environ.get("METERSTREAM_ADMIN_KEY"), help="admin key ($METERSTREAM_ADMIN_KEY)"
+    )
+    gap.add_argument("--topic-id", required=True, help="the events topic's id")
+    gap.add_argument("--partition", type=int, required=True)
+    gap.add_argument("--first", type=int, required=True, help="first lost offset")
+    gap.add_argument("--last", type=int, required=True, help="last lost offset (inclusive)")
+    gap.add_argument("--reason", required=True, help="why they are gone (kept with the record)")
     return parser
 
 
@@ -157,6 +172,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "reconcile":
         return _reconcile(args.start, args.end)
+    if args.command == "accept-gap":
+        return _accept_gap(args)
     if args.command == "keys":
         return _keys(args)
     raise AssertionError(args.command)
@@ -222,12 +239,47 @@ def _reconcile(start: datetime, end: datetime) -> int:
     from sinks.clickhouse.reader import MeterReader
 
     configure_logging("WARNING")
-    differences = MeterReader(ClickHouse(SinkSettings().clickhouse)).reconcile(start, end)
+    reader = MeterReader(ClickHouse(SinkSettings().clickhouse))
+    differences = reader.reconcile(start, end)
     for d in differences:
         changed = ", ".join(f"{k}: audit {a} != stored {b}" for k, (a, b) in d.values.items() if a != b)
         print(f"{d.window_start.isoformat()} {d.subject} {d.provider}/{d.model}: {changed}")
     print(f"{len(differences)} window(s) differ between {start.isoformat()} and {end.isoformat()}")
+    for g in reader.accepted_gaps():
+        print(
+            f"accepted gap: events topic {g.topic_id} partition {g.partition} offsets {g.first_offset}.."
+            f"{g.last_offset} ({g.accepted_at.isoformat()}: {g.reason}); their events are in no total"
+        )
     return 1 if differences else 0
+
+
+def _accept_gap(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = {
+        "topicId": args.topic_id,
+        "partition": args.partition,
+        "firstOffset": args.first,
+        "lastOffset": args.last,
+        "reason": args.reason,
+    }
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {args.key}"} if args.key else {})
+    request = urllib.request.Request(
+        f"{args.url.rstrip('/')}/api/v1/admin/gaps", data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+    except urllib.error.HTTPError as exc:
+        print(f"meterstream: error: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"meterstream: error: {args.url} does not answer ({exc})", file=sys.stderr)
+        return 1
+    print(f"accepted as lost: offsets {args.first}..{args.last} of {args.topic_id} partition {args.partition}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def build_app(
             except TimeoutError:
                 failures[name] = f"no answer within {READY_TIMEOUT_S:g}s"
             except Exception as exc:
-                failures[name] = str(exc)[:200]
+                failures[name] = str(exc)[:1000]
         if failures:
             return Response(
                 orjson.dumps({"status": "unavailable", "failures": failures}),

@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -380,7 +380,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
         *control.routes,
     ]
-    return build_app(routes, {"storage": reader.check, "sink": thread.is_alive}, lifespan, access)
+    return build_app(routes, {"storage": reader.check, "sink": _sink_check(sink, thread)}, lifespan, access)
 
 
 def run_sink(settings: SinkSettings) -> None:
@@ -518,7 +518,7 @@ def local_app(local: LocalSettings) -> Starlette:
         ),
         *control.routes,
     ]
-    readiness: Checks = {"broker": producer.ping, "storage": reader.check, "sink": sink_thread.is_alive}
+    readiness: Checks = {"broker": producer.ping, "storage": reader.check, "sink": _sink_check(sink, sink_thread)}
     return build_app(routes, readiness, lifespan, access)
 
 
@@ -536,6 +536,21 @@ async def _local_admin_key(keys: KeyService, path: Path) -> None:
 def _save_secret(path: Path, secret: str) -> None:
     path.touch(mode=0o600)
     path.write_text(secret + "\n")
+
+
+def _sink_check(sink: Sink, thread: threading.Thread) -> Callable[[], bool]:
+    """Readiness of the sink: its thread runs and no partition is blocked (held behind a gap for longer
+    than gap_wait_s, or behind a record it cannot read); the reasons are in the answer."""
+
+    def check() -> bool:
+        if not thread.is_alive():
+            return False
+        problems = sink.problems()
+        if problems:
+            raise RuntimeError("; ".join(problems))
+        return True
+
+    return check
 
 
 async def _drain(acknowledged: Mapping[int, int], sink: Sink, events_topic_id: str) -> bool:

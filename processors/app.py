@@ -3,10 +3,12 @@
 Delivery guarantee (at-least-once into the windows topic, made exactly-once by the sink): an input offset
 is acknowledged to Faust, and so committed, only after the broker acknowledged the output for it and for
 every earlier offset of its partition. ``take_events`` acks a batch when the loop asks for the next one,
-or when the stream is closed, even by an exception; so the loop body never lets an exception out: it
-retries the batch until its outputs are acknowledged, and if it is cancelled mid-batch (shutdown while the
-broker is unreachable) it exits the process hard, so nothing of the batch is acknowledged and the restart
-redelivers it. Output records carry their source coordinates, so redelivered duplicates are harmless.
+or when the stream is closed, even by an exception; so the loop body never lets an exception out: a
+record that cannot be processed (a poison record: decoding and processing are pure, so retrying cannot
+help) becomes a "failed" output and dead letters at once, and only producing is retried, until the
+outputs are acknowledged; if it is cancelled mid-batch (shutdown while the broker is unreachable) it exits
+the process hard, so nothing of the batch is acknowledged and the restart redelivers it. Output records
+carry their source coordinates, so redelivered duplicates are harmless.
 
 Faust tables are not used: their changelog recovery cannot be trusted on every Kafka-protocol broker
 (see docs/architecture.md), and per-event table writes would cap throughput far below what batching gives.
@@ -30,7 +32,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from prometheus_client import Counter, Histogram
 
 from processors.pricing import Pricer
-from processors.windows import WindowPolicy, process_record
+from processors.windows import WindowPolicy, failed_output, process_record
 from schemas.recent import RecentKeys
 from schemas.records import EventsRecord, decode_events, encode
 from schemas.settings import CONSUMER_FETCH_MAX_WAIT_MS, ProcessorSettings
@@ -42,7 +44,9 @@ PROCESSED = Counter("meterstream_processor_events_total", "Events processed", ["
 DUPLICATES = Counter("meterstream_processor_duplicates_total", "Events dropped as already counted (recent keys)")
 DEAD_LETTERED = Counter("meterstream_processor_dead_lettered_total", "Events sent to the dead-letter topic")
 UNPRICED = Counter("meterstream_processor_unpriced_total", "Counted events without a price", ["provider", "model"])
-BAD_RECORDS = Counter("meterstream_processor_bad_records_total", "Records that could not be decoded")
+BAD_RECORDS = Counter(
+    "meterstream_processor_bad_records_total", "Records that could not be processed (poison: dead-lettered)"
+)
 BATCH_SECONDS = Histogram("meterstream_processor_batch_seconds", "Processing time of one batch, outputs acknowledged")
 RETRIES = Counter("meterstream_processor_batch_retries_total", "Batches retried after a produce failure")
 
@@ -148,21 +152,28 @@ class Processor:
             message = event.message
             try:
                 record: EventsRecord = decode_events(event.value)
-            except ValueError:
-                # Not ours (another producer on the topic) or corrupt: skip it, loudly. It still gets an
-                # empty output so the sink's offset chain for this partition stays unbroken.
+                output = process_record(
+                    record,
+                    topic_id=self._topic_id,
+                    partition=message.partition,
+                    offset=message.offset,
+                    policy=self._policy,
+                    pricer=self._pricer,
+                    known=self._recent,
+                )
+            except Exception as exc:
+                # A poison record: decoding and processing are pure, so it would fail the same way on every
+                # retry. Its events go to the dead-letter topic and the audit log ("failed"), and its output
+                # keeps the sink's offset chain unbroken. Only producing (below) is retried.
                 BAD_RECORDS.inc()
-                log.error("processor: undecodable record at %s:%s", message.partition, message.offset)
-                record = {"v": 1, "events": []}
-            output = process_record(
-                record,
-                topic_id=self._topic_id,
-                partition=message.partition,
-                offset=message.offset,
-                policy=self._policy,
-                pricer=self._pricer,
-                known=self._recent,
-            )
+                log.error("processor: record at %s:%s cannot be processed: %s", message.partition, message.offset, exc)
+                output = failed_output(
+                    event.value,
+                    topic_id=self._topic_id,
+                    partition=message.partition,
+                    offset=message.offset,
+                    reason=f"cannot be processed: {type(exc).__name__}: {exc}"[:500],
+                )
             for letter in output.dead_letters:
                 futures.append(await app.producer.send(dead_letter, None, encode(letter), None, None, None))
             futures.append(

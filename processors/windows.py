@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Container
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -186,3 +186,67 @@ def _delta(key: tuple[str, str, str, int], c: list[int]) -> WindowDelta:
         "unpriced_requests": c[7],
         "cost_atto": c[8],
     }
+
+
+def failed_output(value: bytes, *, topic_id: str, partition: int, offset: int, reason: str) -> Output:
+    """The output of an events record that cannot be processed (undecodable, of a version this release
+    does not read, or making the processing fail): every event it holds that looks like one is in the
+    audit log with status "failed" and in the dead-letter topic with ``reason``; a record without any
+    goes to the dead-letter topic whole. The output keeps the sink's offset chain unbroken, adds nothing
+    to any window, and claims no key as stored (the same events sent again, once fixed, count)."""
+    events: list[Any] = []
+    try:
+        candidates = orjson.loads(value).get("events", [])
+        events = [e for e in candidates if isinstance(e, dict) and _looks_like_event(e)]
+    except (ValueError, AttributeError, TypeError):
+        pass
+    dead: list[DeadLetterRecord] = [
+        {"reason": reason, "topic_id": topic_id, "partition": partition, "offset": offset, "event": e} for e in events
+    ]
+    if not events:
+        raw = value.decode("utf-8", errors="replace")
+        dead = [{"reason": reason, "topic_id": topic_id, "partition": partition, "offset": offset, "raw": raw}]
+    n = len(events)
+    audit: AuditColumns = {
+        "index": list(range(n)),
+        "id": [e["id"] for e in events],
+        "source": [e["source"] for e in events],
+        "subject": [e["subject"] for e in events],
+        "type": [e["type"] for e in events],
+        "time_us": [e["time_us"] for e in events],
+        "received_us": [e["received_us"] for e in events],
+        "data": [e["data"] for e in events],
+        "provider": [str(e.get("provider", "")) for e in events],
+        "model": [str(e.get("model", "")) for e in events],
+        "input_tokens": [0] * n,
+        "output_tokens": [0] * n,
+        "cache_read_tokens": [0] * n,
+        "cache_write_tokens": [0] * n,
+        "reasoning_tokens": [0] * n,
+        "usage": ["{}"] * n,
+        "cost_atto": [None] * n,
+        "cost_input_atto": [None] * n,
+        "cost_output_atto": [None] * n,
+        "price_source": [reason[:500]] * n,
+        "status": ["failed"] * n,
+    }
+    record: WindowsRecord = {
+        "v": RECORD_VERSION,
+        "topic_id": topic_id,
+        "partition": partition,
+        "offset": offset,
+        "windows": [],
+        "events": audit,
+    }
+    return Output(record, dead, [], 0, 0)
+
+
+_EVENT_FIELDS: Final = {"id": str, "source": str, "subject": str, "type": str, "data": str}
+
+
+def _looks_like_event(event: dict[str, object]) -> bool:
+    """Whether the audit log can hold ``event`` (its identity, times and data have the right types)."""
+    return all(isinstance(event.get(name), kind) for name, kind in _EVENT_FIELDS.items()) and all(
+        isinstance(event.get(name), int) and not isinstance(event.get(name), bool)
+        for name in ("time_us", "received_us")
+    )

@@ -20,7 +20,7 @@ from query.render import rfc3339, to_csv, to_json, wants_csv
 from schemas.meters import METERS, find_meter
 from schemas.money import format_usd
 from schemas.problems import PROBLEM_JSON, Problem, bad
-from schemas.query import Difference, EventFilter, MeterQuery, QueryRow
+from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow
 from schemas.times import parse_time
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ class Reader(Protocol):
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]: ...
 
     def reconcile(self, start: datetime, end: datetime) -> list[Difference]: ...
+
+    def accepted_gaps(self) -> list[AcceptedGap]: ...
+
+    def accept_gap(self, topic_id: str, partition: int, first: int, last: int, reason: str) -> None: ...
 
 
 #: (provider, model, at, price context) -> quote as a JSON-able dict; raises LookupError when unknown.
@@ -169,10 +173,12 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
         except Problem as problem:
             return problem_response(problem)
         differences = await asyncio.to_thread(reader.reconcile, start, end)
+        gaps = await asyncio.to_thread(reader.accepted_gaps)
         return _json(
             {
                 "from": rfc3339(start),
                 "to": rfc3339(end),
+                "acceptedGaps": [_gap(g) for g in gaps],
                 "differences": [
                     {
                         "subject": d.subject,
@@ -190,6 +196,36 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
             }
         )
 
+    async def gaps(request: Request) -> Response:
+        if request.method == "GET":
+            return _json([_gap(g) for g in await asyncio.to_thread(reader.accepted_gaps)])
+        try:
+            body = await _json_body(request)
+            topic_id = body.get("topicId")
+            reason = body.get("reason")
+            if not isinstance(topic_id, str) or not topic_id:
+                raise bad("topicId", "the events topic's id, as the sink's readiness names it")
+            partition, first, last = (_offset(body, name) for name in ("partition", "firstOffset", "lastOffset"))
+            if last < first:
+                raise bad("lastOffset", "lastOffset must not be below firstOffset")
+            if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
+                raise bad("reason", "say why the offsets are gone (at most 1,000 characters)")
+        except Problem as problem:
+            return problem_response(problem)
+        await asyncio.to_thread(reader.accept_gap, topic_id, partition, first, last, reason.strip())
+        log.warning(
+            "admin: offsets %d..%d of events topic %s partition %d accepted as lost (%s)",
+            first,
+            last,
+            topic_id,
+            partition,
+            reason,
+        )
+        return _json(
+            {"topicId": topic_id, "partition": partition, "firstOffset": first, "lastOffset": last, "reason": reason},
+            201,
+        )
+
     return [
         Route("/api/v1/meters", list_meters, methods=["GET"]),
         Route("/api/v1/meters/{meter}", get_meter, methods=["GET"]),
@@ -198,7 +234,26 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
         Route("/api/v1/events", list_events, methods=["GET"]),
         Route("/api/v1/prices", get_price, methods=["GET"]),
         Route("/api/v1/admin/reconcile", reconcile, methods=["GET"]),
+        Route("/api/v1/admin/gaps", gaps, methods=["GET", "POST"]),
     ]
+
+
+def _offset(body: Mapping[str, Any], name: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise bad(name, f"{name} must be a non-negative integer")
+    return value
+
+
+def _gap(gap: AcceptedGap) -> dict[str, Any]:
+    return {
+        "topicId": gap.topic_id,
+        "partition": gap.partition,
+        "firstOffset": gap.first_offset,
+        "lastOffset": gap.last_offset,
+        "reason": gap.reason,
+        "acceptedAt": rfc3339(gap.accepted_at),
+    }
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

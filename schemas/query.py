@@ -72,3 +72,16 @@ class Difference:
     window_start: datetime
     #: meter column -> (recomputed from the audit log, stored)
     values: Mapping[str, tuple[Decimal, Decimal]]
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedGap:
+    """Source offsets an operator recorded as lost for good (``meterstream accept-gap``): the sink goes on
+    past them; ``reconcile`` lists them, since the events they held are in no total."""
+
+    topic_id: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    reason: str
+    accepted_at: datetime

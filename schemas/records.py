@@ -12,7 +12,16 @@ Topics (see :mod:`schemas.topics`):
 * ``windows``: written by the processor. Exactly one record per ``events`` record, on the same partition
   number, carrying the source coordinates (topic id, partition, offset), the window deltas of that record
   and its audit rows. The sink applies a partition's records in offset order, each exactly once.
-* ``dead-letter``: events the processor would not count (later than the allowed lateness), with the reason.
+* ``dead-letter``: events the processor would not count (later than the allowed lateness) or could not
+  process at all (a poison record), with the reason.
+
+Versions and rolling upgrades. Every record carries ``v``. A writer writes ``RECORD_VERSION``; a reader
+reads every version in ``READABLE_VERSIONS``. Additions a reader can ignore (a new optional field, a new
+audit status stored as it is) keep the version; anything an older reader would get wrong bumps it, and
+the readers that understand it ship first: **upgrade sinks before processors, processors before ingest**.
+A reader never skips a record it cannot read: the sink holds that partition where it is (nothing applied
+past it, nothing committed past it, readiness red and the reason in the log) until a sink that reads it
+runs; the processor treats it as a poison record (dead-lettered, in the audit log, the chain continues).
 """
 
 from __future__ import annotations
@@ -23,6 +32,20 @@ from typing import Any, Final, Literal, NotRequired, TypedDict
 import orjson
 
 RECORD_VERSION: Final = 1
+#: Versions this code reads (see the module docstring for the upgrade rule).
+READABLE_VERSIONS: Final = frozenset({1})
+
+
+class UnsupportedVersion(ValueError):
+    """A record of a version this code does not read (written by a newer release)."""
+
+    def __init__(self, kind: str, version: object, record: dict[str, Any]) -> None:
+        super().__init__(
+            f"{kind} record version {version!r} is not readable by this release (reads "
+            f"{sorted(READABLE_VERSIONS)}): upgrade this service first"
+        )
+        self.version = version
+        self.record = record
 
 
 class AcceptedEvent(TypedDict):
@@ -51,8 +74,10 @@ class EventsRecord(TypedDict):
     events: list[AcceptedEvent]
 
 
-#: Why an accepted event is or is not in the built-in meters.
-EventStatus = Literal["counted", "late", "not_metered"]
+#: Why an accepted event is or is not in the built-in meters ("failed": its record could not be processed,
+#: see DeadLetterRecord; it is in the audit log and the dead-letter topic, in no meter, and not taken as
+#: stored by the dedupe, so the same event sent again once fixed counts).
+EventStatus = Literal["counted", "late", "not_metered", "failed"]
 
 
 class AuditColumns(TypedDict):
@@ -126,7 +151,9 @@ class DeadLetterRecord(TypedDict):
     topic_id: str
     partition: int
     offset: int
-    event: AcceptedEvent
+    #: The event, or (a record that could not be decoded into events) the record's bytes as text.
+    event: NotRequired[AcceptedEvent]
+    raw: NotRequired[str]
 
 
 def _default(value: Any) -> Any:
@@ -139,15 +166,22 @@ def encode(record: EventsRecord | WindowsRecord | DeadLetterRecord) -> bytes:
     return orjson.dumps(record, default=_default)
 
 
+def _decode(kind: str, value: bytes) -> Any:
+    """Raises ValueError when ``value`` is not a JSON object, UnsupportedVersion when it is one of a
+    version this code does not read."""
+    record = orjson.loads(value)
+    if not isinstance(record, dict):
+        raise ValueError(f"{kind} record is not a JSON object")
+    if record.get("v") not in READABLE_VERSIONS:
+        raise UnsupportedVersion(kind, record.get("v"), record)
+    return record
+
+
 def decode_events(value: bytes) -> EventsRecord:
-    record: EventsRecord = orjson.loads(value)
-    if record.get("v") != RECORD_VERSION:
-        raise ValueError(f"unsupported events record version {record.get('v')!r}")
+    record: EventsRecord = _decode("events", value)
     return record
 
 
 def decode_windows(value: bytes) -> WindowsRecord:
-    record: WindowsRecord = orjson.loads(value)
-    if record.get("v") != RECORD_VERSION:
-        raise ValueError(f"unsupported windows record version {record.get('v')!r}")
+    record: WindowsRecord = _decode("windows", value)
     return record

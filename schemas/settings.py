@@ -268,6 +268,11 @@ class SinkSettings(_Service):
     #: Keys the Bloom filter is sized for (about 1.2 bytes each); beyond it more lookups, never errors.
     dedupe_capacity: int = Field(default=20_000_000, ge=1000)
     session_timeout_s: float = Field(default=6.0, gt=0)
+    #: A gap in a partition's offset chain (a record missing before the next one) is waited for this long
+    #: (the processor's retries and redeliveries fill a transient one); longer, and the partition is
+    #: reported blocked (readiness, metric, error log), still held, until the record comes or an operator
+    #: runs ``meterstream accept-gap``.
+    gap_wait_s: float = Field(default=120.0, gt=0)
     host: str = "127.0.0.1"
     #: HTTP port for health, metrics and the query API (0: none).
     port: int = Field(default=8889, ge=0, le=65535)

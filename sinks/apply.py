@@ -3,9 +3,10 @@
 Exactly-once rests on two checks made here, per batch of windows records:
 
 1. **Offsets.** Each source partition's records are applied in offset order, each once: a record at or
-   below the partition's applied offset is a replay (skipped); one beyond the next offset is a gap (skipped
-   too: the processor never acknowledges an input before its output, so the missing record will be
-   redelivered, and this one with it). The new applied offsets are written with the deltas, atomically.
+   below the partition's applied offset is a replay (skipped); one beyond the next offset is a gap: not
+   applied, and reported (``Plan.gapped``) so the sink holds that partition where it is until the missing
+   record comes or an operator accepts the hole (``accepted``: offsets taken as applied). The new applied
+   offsets are written with the deltas, atomically.
 2. **Event identity.** An event whose (source, id) is already stored from another occurrence (another
    offset, or earlier in this batch) is a duplicate: it is not stored again, and its contribution is taken
    back out of the window deltas the processor computed. An occurrence identical to the stored one is a
@@ -14,7 +15,7 @@ Exactly-once rests on two checks made here, per batch of windows records:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from schemas.meters import WINDOW_COUNTS
@@ -71,8 +72,15 @@ class Plan:
     #: New applied offset of every source partition this batch advances.
     offsets: dict[Source, int] = field(default_factory=dict)
     replays: int = 0
-    gaps: int = 0
+    #: Positions (in the input) of the records not applied because an offset before them is missing, and
+    #: the first missing offset of each source partition that has one.
+    gapped: list[int] = field(default_factory=list)
+    missing: dict[Source, int] = field(default_factory=dict)
     duplicates: int = 0
+
+    @property
+    def gaps(self) -> int:
+        return len(self.gapped)
 
     def stored_count(self) -> int:
         return sum(len(k.positions()) for k in self.events)
@@ -82,24 +90,27 @@ def plan_batch(
     records: Iterable[WindowsRecord],
     applied: Mapping[Source, int],
     lookup: Callable[[list[EventKey]], Mapping[EventKey, Coords]],
+    holes: Mapping[Source, Sequence[tuple[int, int]]] | None = None,
 ) -> Plan:
     """Decide what a batch of windows records writes.
 
     ``applied`` holds each source partition's applied offset (absent: nothing applied, -1). ``lookup``
     returns, for the keys it is given, where the stored occurrence of each came from (keys never stored
-    are absent).
+    are absent). ``holes`` holds the offset ranges (inclusive) an operator accepted as missing.
     """
     plan = Plan()
     accepted: list[WindowsRecord] = []
-    for record in records:
+    for position, record in enumerate(records):
         source = (record["topic_id"], record["partition"])
         last = plan.offsets.get(source, applied.get(source, -1))
-        if record["offset"] <= last:
+        offset = record["offset"]
+        if offset <= last:
             plan.replays += 1
-        elif record["offset"] != last + 1:
-            plan.gaps += 1
+        elif offset != last + 1 and not (holes and covered(holes.get(source, ()), last + 1, offset - 1)):
+            plan.gapped.append(position)
+            plan.missing.setdefault(source, last + 1)
         else:
-            plan.offsets[source] = record["offset"]
+            plan.offsets[source] = offset
             accepted.append(record)
 
     windows = plan.windows
@@ -140,19 +151,32 @@ def _deduplicate(plan: Plan, accepted: list[WindowsRecord], stored: Mapping[Even
         events = record["events"]
         rows: list[int] | None = None
         for i, key in enumerate(zip(events["source"], events["id"], strict=True)):
-            prior = stored.get(key)
+            prior = stored.get(key)  # never a "failed" row: the store does not count them as stored
             occurrence = (record["topic_id"], record["partition"], record["offset"], events["index"][i])
-            if key in kept or (prior is not None and prior != occurrence):
+            failed = events["status"][i] == "failed"
+            if key in kept or (prior is not None and (failed or prior != occurrence)):
                 if rows is None:
                     rows = list(range(i))
                 plan.duplicates += 1
                 if events["status"][i] == "counted":
                     _take_back(plan.windows, events, i)
                 continue
-            kept.add(key)
+            if not failed:
+                kept.add(key)
             if rows is not None:
                 rows.append(i)
         plan.events.append(Kept(record, rows))
+
+
+def covered(holes: Iterable[tuple[int, int]], first: int, last: int) -> bool:
+    """Whether every offset from ``first`` to ``last`` (inclusive) lies in one of ``holes``."""
+    position = first
+    for start, end in sorted(holes):
+        if start <= position <= end:
+            position = end + 1
+        if position > last:
+            return True
+    return position > last
 
 
 def _take_back(windows: dict[WindowKey, Totals], events: AuditColumns, i: int) -> None:

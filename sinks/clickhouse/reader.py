@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS
-from schemas.query import Difference, EventFilter, MeterQuery, QueryRow, WindowSize
+from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow, WindowSize
 from sinks.clickhouse.connection import ClickHouse, is_embedded
 
 Sql = tuple[str, dict[str, Any]]
@@ -316,6 +316,26 @@ class MeterReader:
             }
             differences.append(Difference(subject, provider, model, _utc(window_start), values))
         return differences
+
+    def accepted_gaps(self) -> list[AcceptedGap]:
+        """Every hole in the offset chain an operator accepted, oldest first."""
+        result = self._query(
+            "SELECT src_topic, src_partition, first_offset, last_offset, reason, accepted_at FROM accepted_gaps "
+            "ORDER BY accepted_at, src_topic, src_partition, first_offset",
+            {},
+        )
+        return [
+            AcceptedGap(str(t), int(p), int(first), int(last), str(reason), _utc(at))
+            for t, p, first, last, reason, at in result.result_rows
+        ]
+
+    def accept_gap(self, topic_id: str, partition: int, first: int, last: int, reason: str) -> None:
+        """Record source offsets ``first``..``last`` of a partition as lost: the sink goes on past them."""
+        self._ch.client().insert(
+            "accepted_gaps",
+            [[topic_id, partition, first, last, reason]],
+            column_names=["src_topic", "src_partition", "first_offset", "last_offset", "reason"],
+        )
 
     def check(self) -> None:
         self._ch.client().query("SELECT max(applied_offset), count() FROM usage_windows WHERE subject = ''")

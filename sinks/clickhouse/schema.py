@@ -11,6 +11,9 @@ that is what makes every source offset count exactly once.
 ``usage_events`` is the raw audit log: every accepted event once, with its price (integer atto-dollars,
 read as decimal USD through ALIAS columns) and where it came from.
 ReplacingMergeTree on (source, id) collapses the identical rows a replay writes again.
+
+``accepted_gaps`` holds the ranges of source offsets an operator accepted as lost (``meterstream
+accept-gap``): the sink takes them as applied, ``reconcile`` lists them.
 """
 
 from __future__ import annotations
@@ -97,6 +100,24 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             )
             ENGINE = {engine}ReplacingMergeTree
             ORDER BY (source, id)
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "holes in the offset chain an operator accepted (meterstream accept-gap)",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.accepted_gaps {on_cluster} (
+                src_topic String,
+                src_partition Int32,
+                first_offset Int64,
+                last_offset Int64,
+                reason String,
+                accepted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+            )
+            ENGINE = {engine}MergeTree
+            ORDER BY (src_topic, src_partition, first_offset)
             """,
         ),
     ),

@@ -89,7 +89,7 @@ class WindowStore:
             chunk = keys[start : start + _LOOKUP_CHUNK]
             rows = client.query(
                 "SELECT source, id, src_topic, src_partition, src_offset, src_index FROM usage_events "
-                "WHERE (source, id) IN {keys:Array(Tuple(String, String))}",
+                "WHERE (source, id) IN {keys:Array(Tuple(String, String))} AND status != 'failed'",
                 parameters={"keys": chunk},
             ).result_rows
             for source, event_id, topic, partition, offset, index in rows:
@@ -97,9 +97,10 @@ class WindowStore:
         return found
 
     def stored_keys(self, since: datetime) -> Iterator[EventKey]:
-        """(source, id) of every event stored since ``since``, streamed."""
+        """(source, id) of every event stored since ``since`` (not counting "failed" ones), streamed."""
         with self._ch.client().query_row_block_stream(
-            "SELECT source, id FROM usage_events WHERE stored_at >= {since:DateTime64(6, 'UTC')}",
+            "SELECT source, id FROM usage_events "
+            "WHERE stored_at >= {since:DateTime64(6, 'UTC')} AND status != 'failed'",
             parameters={"since": since},
         ) as blocks:
             for block in blocks:
@@ -121,6 +122,18 @@ class WindowStore:
             _window_columns(plan),
             settings={"insert_deduplication_token": _token(plan.offsets.items())},
         )
+
+    def accepted_gaps(self) -> dict[Source, list[tuple[int, int]]]:
+        """The offset ranges (inclusive) an operator accepted as missing, per source partition."""
+        rows = (
+            self._ch.client()
+            .query("SELECT src_topic, src_partition, first_offset, last_offset FROM accepted_gaps")
+            .result_rows
+        )
+        gaps: dict[Source, list[tuple[int, int]]] = {}
+        for topic, partition, first, last in rows:
+            gaps.setdefault((str(topic), int(partition)), []).append((int(first), int(last)))
+        return gaps
 
     def check(self) -> None:
         """Raise unless ClickHouse can read table data (``SELECT 1`` succeeds even with the files gone)."""

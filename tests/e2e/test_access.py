@@ -36,6 +36,8 @@ NEEDS: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/meters/{}/query"): READ,
     ("GET", "/api/v1/prices"): READ,
     ("GET", "/api/v1/admin/reconcile"): ADMIN,
+    ("GET", "/api/v1/admin/gaps"): ADMIN,
+    ("POST", "/api/v1/admin/gaps"): ADMIN,
     ("GET", "/api/v1/portal/meters/{}/query"): PORTAL,
     ("GET", "/api/v1/portal/tokens"): ADMIN,
     ("POST", "/api/v1/portal/tokens"): ADMIN,

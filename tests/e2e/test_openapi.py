@@ -53,7 +53,7 @@ def operations(stack: LocalStack, admin: str) -> list[APIOperation]:
 def fuzz(operation: APIOperation, headers: dict[str, str], excluded: list[Any]) -> None:
     @given(operation.as_strategy())
     @settings(
-        max_examples=40,
+        max_examples=25,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,

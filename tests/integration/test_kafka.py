@@ -181,6 +181,66 @@ async def test_processor_turns_each_record_into_one_output(kafka: KafkaSettings,
     assert counted == 500
 
 
+async def test_poison_records_are_dead_lettered_and_the_chain_goes_on(
+    kafka: KafkaSettings, topics: TopicSettings
+) -> None:
+    """Issue 19 item 2: a record the processor fails on deterministically used to be retried forever
+    (every later record of its partition stalled). Now it becomes a "failed" output plus dead letters."""
+    topics = topics.model_copy(update={"partitions": 1})
+    ensure_topics(kafka, topics)
+    now_us = int(time.time() * 1_000_000)
+
+    def accepted(event_id: str, **usage: object) -> dict[str, object]:
+        return {
+            "id": event_id,
+            "source": "test",
+            "subject": "alice",
+            "type": "llm.usage",
+            "time_us": now_us,
+            "received_us": now_us,
+            "data": "{}",
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "usage": {"input_tokens": 10, "output_tokens": 2} | usage,
+        }
+
+    values = [
+        orjson.dumps({"v": 1, "events": [accepted("good-1")]}),
+        b"\x00 not a record",
+        orjson.dumps({"v": 99, "events": [accepted("newer")]}),
+        orjson.dumps({"v": 1, "events": [accepted("bad-usage", input_tokens=None)]}),  # processing raises
+        orjson.dumps({"v": 1, "events": [accepted("good-2")]}),
+    ]
+    producer = Producer(kafka.to_librdkafka())
+    for value in values:
+        producer.produce(topics.events, value, partition=0)
+    assert producer.flush(10) == 0
+    settings = ProcessorSettings(kafka=kafka, topics=topics, group_id=f"proc-{topics.events}", session_timeout_s=2.0)
+    processor = Processor(settings, Pricer(), topic_id(kafka, topics.events))
+    await processor.start()
+    try:
+        outputs = await asyncio.to_thread(read_all, kafka, topics.windows, len(values), 30)
+        letters = await asyncio.to_thread(read_all, kafka, topics.dead_letter, 3, 30)
+    finally:
+        await processor.stop()
+    records = sorted((decode_windows(value) for _, _, value, _ in outputs), key=lambda r: r["offset"])
+    assert [r["offset"] for r in records] == [0, 1, 2, 3, 4]  # one output per input: the chain is unbroken
+    statuses = [list(zip(r["events"]["id"], r["events"]["status"], strict=True)) for r in records]
+    assert statuses == [
+        [("good-1", "counted")],
+        [],
+        [("newer", "failed")],
+        [("bad-usage", "failed")],
+        [("good-2", "counted")],
+    ]
+    assert [sum(w["requests"] for w in r["windows"]) for r in records] == [1, 0, 0, 0, 1]
+    dead = sorted((orjson.loads(value) for _, _, value, _ in letters), key=lambda letter: letter["offset"])
+    assert [letter["offset"] for letter in dead] == [1, 2, 3]
+    assert dead[0]["raw"] == "\x00 not a record"  # no events in it: the bytes themselves
+    assert "upgrade this service first" in dead[1]["reason"] and dead[1]["event"]["id"] == "newer"
+    assert "TypeError" in dead[2]["reason"] and dead[2]["event"]["id"] == "bad-usage"
+
+
 def test_topics_are_created_with_explicit_durability_and_weak_settings_are_named(kafka: KafkaSettings) -> None:
     from confluent_kafka.admin import AdminClient, ConfigResource
 
