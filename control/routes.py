@@ -47,6 +47,7 @@ from control.inputs import (
     parse_subjects,
 )
 from control.keys import KeyService
+from control.meters import MeterService
 from control.service import ControlService
 from control.store import Conflict, Listing, StoreUnavailable
 from schemas.problems import PROBLEM_JSON, Problem, bad
@@ -598,3 +599,27 @@ def _always_paged(request: Request, order_by: tuple[str, ...], default: str, des
     if "order" not in request.query_params:
         page.desc = descending
     return page
+
+
+def meter_routes(meters: MeterService) -> list[Route]:
+    """Creating, updating and deleting user-defined meters (OpenMeter's ``/api/v1/meters``; reading and
+    querying them are the query API's)."""
+
+    async def create_meter(request: Request) -> Response:
+        return _json((await meters.create(await _body(request))).to_api(), 201)
+
+    async def update_meter(request: Request) -> Response:
+        return _json((await meters.update(request.path_params["meter"], await _body(request))).to_api())
+
+    async def delete_meter(request: Request) -> Response:
+        await meters.delete(request.path_params["meter"])
+        return Response(status_code=204)
+
+    return [
+        Route("/api/v1/meters", _guard(create_meter), methods=["POST"]),
+        Route(
+            "/api/v1/meters/{meter}",
+            _dispatch({"PUT": _guard(update_meter), "DELETE": _guard(delete_meter)}),
+            methods=["PUT", "DELETE"],
+        ),
+    ]

@@ -14,6 +14,7 @@ from control.alerts.store import AlertTx
 from control.errors import Conflict, StoreUnavailable
 from control.listing import Listing
 from control.model import Entitlement, Feature, Grant, Plan, Reservation, Subject, SubjectPlan, UsageReset
+from schemas.meters import UserMeter
 
 __all__ = ["Conflict", "ControlStore", "ControlTx", "Listing", "StoreUnavailable"]
 
@@ -38,6 +39,11 @@ class ReserveState:
 
 class ControlTx(AlertTx, Protocol):
     """The store's operations inside one transaction (the alerts' among them: ``control/alerts/store.py``)."""
+
+    async def insert_meter(self, m: UserMeter) -> None: ...
+    async def meters(self, include_deleted: bool = False) -> list[UserMeter]: ...
+    async def update_meter(self, m: UserMeter) -> None: ...
+    async def delete_meter(self, meter_id: str, at: datetime) -> None: ...
 
     async def lock_subject(self, subject_key: str) -> None: ...
     async def lock_plan(self, key: str) -> None: ...

@@ -20,11 +20,12 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+import yaml
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -35,8 +36,9 @@ from control.alerts.delivery import Deliverer
 from control.alerts.service import AlertService
 from control.holds import ReservationService, UsageClock
 from control.keys import KeyService
+from control.meters import MeterService, meters_from_file
 from control.postgres.store import PostgresStore
-from control.routes import access_routes, alert_routes, control_routes, reservation_routes
+from control.routes import access_routes, alert_routes, control_routes, meter_routes, reservation_routes
 from control.service import ControlService
 from control.webhooks.sender import WebhookSender
 from control.webhooks.urls import UrlPolicy
@@ -56,7 +58,7 @@ from processors.app import Processor
 from processors.pricing import Pricer, load_overrides
 from query.render import rfc3339
 from query.routes import PriceQuoter, query_routes
-from schemas.problems import MeterstreamError
+from schemas.problems import MeterstreamError, Problem
 from schemas.settings import (
     AlertSettings,
     AuthSettings,
@@ -102,6 +104,23 @@ def make_quoter(pricer: Pricer) -> PriceQuoter:
         }
 
     return quote
+
+
+def make_meters(meters_file: Path | None, store: PostgresStore | None) -> MeterService:
+    """The user-defined meters: the meters file's (validated now: a bad file stops the start, naming the
+    field) and, with a store, the API's."""
+    configured = []
+    if meters_file is not None:
+        try:
+            document = yaml.safe_load(meters_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise MeterstreamError(f"cannot read the meters file {meters_file}: {exc}") from exc
+        try:
+            configured = meters_from_file(document, datetime.now(UTC))
+        except Problem as problem:
+            raise MeterstreamError(f"invalid meters file {meters_file}: {problem.detail}") from None
+        log.info("meterstream: %d meters from %s", len(configured), meters_file)
+    return MeterService(store, configured)
 
 
 def make_store(postgres: PostgresSettings) -> PostgresStore | None:
@@ -376,8 +395,10 @@ def sink_app(settings: SinkSettings) -> Starlette:
             await asyncio.to_thread(thread.join)
             ch.close()
 
+    meters = make_meters(settings.meters_file, store)
     routes = [
-        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
+        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
+        *meter_routes(meters),
         *control.routes,
     ]
     return build_app(routes, {"storage": reader.check, "sink": _sink_check(sink, thread)}, lifespan, access)
@@ -404,8 +425,10 @@ def query_app(settings: QuerySettings) -> Starlette:
         reserving = (events, pricer, settings.reservations, settings.usage_event_type, ReaderClock(reader))
     control = make_control(store, settings.default_plan, reader, reserving, settings.alerts)
     access = make_access(settings.auth, store, "query")
+    meters = make_meters(settings.meters_file, store)
     routes = [
-        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides))),
+        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
+        *meter_routes(meters),
         *control.routes,
     ]
 
@@ -474,6 +497,7 @@ def local_app(local: LocalSettings) -> Starlette:
     if control.alerts is not None:
         sink.on_stored = control.alerts.service.kick_threadsafe
     access = make_access(local.auth, store, "meterstream")
+    meters = make_meters(local.meters_file, store)
     sink_thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
     @asynccontextmanager
@@ -515,7 +539,9 @@ def local_app(local: LocalSettings) -> Starlette:
             reader,
             ingest_settings.usage_event_type,
             make_quoter(make_pricer(processor_settings.price_overrides)),
+            meters,
         ),
+        *meter_routes(meters),
         *control.routes,
     ]
     readiness: Checks = {"broker": producer.ping, "storage": reader.check, "sink": _sink_check(sink, sink_thread)}

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from schemas.meters import GROUP_BY_KEYS, Meter
+from schemas.meters import Meter, UserMeter
 from schemas.problems import bad
 from schemas.query import MeterQuery, WindowSize
 from schemas.times import parse_time
@@ -42,20 +42,20 @@ def _strings(field: str, values: Any) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _dimension(field: str, key: str) -> str:
-    if key not in GROUP_BY_KEYS:
-        raise bad(field, f"invalid group by: {key} (one of {', '.join(GROUP_BY_KEYS)})")
+def _dimension(field: str, key: str, keys: Sequence[str]) -> str:
+    if key not in keys:
+        raise bad(field, f"invalid group by: {key} (one of {', '.join(keys)})")
     return key
 
 
-def _filter_object(field: str, raw: Any) -> dict[str, tuple[str, ...]]:
+def _filter_object(field: str, raw: Any, keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """``{"model": ["gpt-4o"]}`` or ``{"model": "gpt-4o"}``."""
     if not isinstance(raw, Mapping):
         raise bad(field, "must be an object of group-by key to value(s)")
-    return {_dimension(field, str(k)): _strings(f"{field}.{k}", v) for k, v in raw.items()}
+    return {_dimension(field, str(k), keys): _strings(f"{field}.{k}", v) for k, v in raw.items()}
 
 
-def _advanced(raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+def _advanced(raw: Any, keys: Sequence[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     field = "advancedMeterGroupByFilters"
     if isinstance(raw, str):
         _bounded(field, raw)
@@ -68,7 +68,7 @@ def _advanced(raw: Any) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str
     include: dict[str, tuple[str, ...]] = {}
     exclude: dict[str, tuple[str, ...]] = {}
     for key, condition in raw.items():
-        dimension = _dimension(field, str(key))
+        dimension = _dimension(field, str(key), keys)
         if not isinstance(condition, Mapping) or not condition:
             raise bad(f"{field}.{key}", f"must be an object with one of {', '.join(_OPERATORS)}")
         for operator, operand in condition.items():
@@ -115,7 +115,7 @@ def _bare_filter(raw: str) -> Any:
     raise bad("filterGroupBy", "must be filterGroupBy[key]=value, or an object")
 
 
-def build_query(meter: Meter, raw: Mapping[str, Any]) -> MeterQuery:
+def build_query(meter: Meter | UserMeter, raw: Mapping[str, Any]) -> MeterQuery:
     """A MeterQuery from already-decoded parameters (query string or JSON body, same names)."""
     start = parse_time("from", raw["from"]) if raw.get("from") is not None else None
     end = parse_time("to", raw["to"]) if raw.get("to") is not None else None
@@ -136,7 +136,10 @@ def build_query(meter: Meter, raw: Mapping[str, Any]) -> MeterQuery:
         raise bad("clientId", "must be 1 to 36 characters")
     if raw.get("filterCustomerId"):
         raise bad("filterCustomerId", "customers are not supported; filter by subject")
-    group_by = list(dict.fromkeys(_dimension("groupBy", g) for g in _strings("groupBy", raw.get("groupBy") or [])))
+    keys = meter.group_keys
+    group_by = list(
+        dict.fromkeys(_dimension("groupBy", g, keys) for g in _strings("groupBy", raw.get("groupBy") or []))
+    )
     include: dict[str, tuple[str, ...]] = {}
     exclude: dict[str, tuple[str, ...]] = {}
     filter_group_by = raw.get("filterGroupBy")
@@ -144,9 +147,9 @@ def build_query(meter: Meter, raw: Mapping[str, Any]) -> MeterQuery:
     if filter_group_by and advanced:
         raise bad("filterGroupBy", "filterGroupBy and advancedMeterGroupByFilters cannot be used together")
     if filter_group_by:
-        include.update(_filter_object("filterGroupBy", filter_group_by))
+        include.update(_filter_object("filterGroupBy", filter_group_by, keys))
     if advanced:
-        include, exclude = _advanced(advanced)
+        include, exclude = _advanced(advanced, keys)
     subjects = _strings("subject", raw.get("subject") or [])
     if subjects:
         # As OpenMeter: filtering by subject also groups by subject.

@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from query.params import build_query, from_query_string
 from query.render import rfc3339, to_csv, to_json, wants_csv
-from schemas.meters import METERS, find_meter
+from schemas.meters import METERS, Meter, UserMeter, find_meter
 from schemas.money import format_usd
 from schemas.problems import PROBLEM_JSON, Problem, bad
 from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow
@@ -37,9 +37,33 @@ class Reader(Protocol):
 
     def reconcile(self, start: datetime, end: datetime) -> list[Difference]: ...
 
+    def meter_subjects(self, meter: Meter | UserMeter, start: datetime | None, end: datetime | None) -> list[str]: ...
+
+    def group_values(
+        self, meter: Meter | UserMeter, key: str, start: datetime | None, end: datetime | None
+    ) -> list[str]: ...
+
     def accepted_gaps(self) -> list[AcceptedGap]: ...
 
     def accept_gap(self, topic_id: str, partition: int, first: int, last: int, reason: str) -> None: ...
+
+
+class Catalog(Protocol):
+    """Where the user-defined meters come from (the built-in ones are always there)."""
+
+    async def user_meters(self) -> list[UserMeter]: ...
+
+    async def find(self, id_or_slug: str) -> Meter | UserMeter | None: ...
+
+
+class BuiltInMeters:
+    """A catalog of the built-in meters only."""
+
+    async def user_meters(self) -> list[UserMeter]:
+        return []
+
+    async def find(self, id_or_slug: str) -> Meter | UserMeter | None:
+        return find_meter(id_or_slug)
 
 
 #: (provider, model, at, price context) -> quote as a JSON-able dict; raises LookupError when unknown.
@@ -59,20 +83,47 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | None = None) -> list[Route]:
-    """Routes answering from ``reader``. Storage calls run in worker threads (the engine releases the GIL)."""
+def query_routes(
+    reader: Reader, usage_event_type: str, quote: PriceQuoter | None = None, catalog: Catalog | None = None
+) -> list[Route]:
+    """Routes answering from ``reader``. Storage calls run in worker threads (the engine releases the GIL).
+    ``catalog`` adds the user-defined meters to the built-in ones."""
+    meters = catalog or BuiltInMeters()
+
+    def describe(meter: Meter | UserMeter) -> dict[str, Any]:
+        return meter.to_api(usage_event_type) if isinstance(meter, Meter) else meter.to_api()
 
     async def list_meters(request: Request) -> Response:
-        return _json([meter.to_api(usage_event_type) for meter in METERS])
+        listed: list[Meter | UserMeter] = [*METERS, *await meters.user_meters()]
+        return _json([describe(m) for m in listed])
 
     async def get_meter(request: Request) -> Response:
-        meter = find_meter(request.path_params["meter"])
+        meter = await meters.find(request.path_params["meter"])
         if meter is None:
             return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
-        return _json(meter.to_api(usage_event_type))
+        return _json(describe(meter))
+
+    async def group_values(request: Request) -> Response:
+        """OpenMeter's discovery: the subjects, or one group-by key's values, of a meter's events."""
+        meter = await meters.find(request.path_params["meter"])
+        if meter is None:
+            return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
+        key = request.path_params.get("key", "subject")
+        if key not in meter.group_keys:
+            keys = ", ".join(meter.group_keys)
+            return problem_response(Problem(404, f"meter {meter.slug} has no group-by key {key} (its keys: {keys})"))
+        params = request.query_params
+        try:
+            start = parse_time("from", params["from"]) if params.get("from") else None
+            end = parse_time("to", params["to"]) if params.get("to") else None
+            if start is not None and end is not None and end <= start:
+                raise bad("to", "to must be after from")
+        except Problem as problem:
+            return problem_response(problem)
+        return _json(await asyncio.to_thread(reader.group_values, meter, key, start, end))
 
     async def query_meter(request: Request) -> Response:
-        meter = find_meter(request.path_params["meter"])
+        meter = await meters.find(request.path_params["meter"])
         if meter is None:
             return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
         try:
@@ -98,7 +149,7 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
         subject = getattr(request.state, "portal_subject", None)
         if subject is None:
             return problem_response(Problem(403, "this endpoint takes a portal token (POST /api/v1/portal/tokens)"))
-        meter = find_meter(request.path_params["meter"])
+        meter = await meters.find(request.path_params["meter"])
         if meter is None:
             return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
         allowed = getattr(request.state, "portal_meters", None)
@@ -230,6 +281,8 @@ def query_routes(reader: Reader, usage_event_type: str, quote: PriceQuoter | Non
         Route("/api/v1/meters", list_meters, methods=["GET"]),
         Route("/api/v1/meters/{meter}", get_meter, methods=["GET"]),
         Route("/api/v1/meters/{meter}/query", query_meter, methods=["GET", "POST"]),
+        Route("/api/v1/meters/{meter}/subjects", group_values, methods=["GET"]),
+        Route("/api/v1/meters/{meter}/group-by/{key}/values", group_values, methods=["GET"]),
         Route("/api/v1/portal/meters/{meter}/query", portal_query, methods=["GET"]),
         Route("/api/v1/events", list_events, methods=["GET"]),
         Route("/api/v1/prices", get_price, methods=["GET"]),

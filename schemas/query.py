@@ -9,7 +9,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import NamedTuple
 
-from schemas.meters import Meter
+from schemas.meters import Meter, UserMeter
 
 
 class WindowSize(StrEnum):
@@ -25,12 +25,12 @@ class MeterQuery:
 
     ``start`` is inclusive and ``end`` exclusive, to the microsecond; either may be open. Windows are
     aligned to local boundaries of ``time_zone`` (DAY and MONTH are calendar days and months there, so a
-    DST day is 23 or 25 hours long). ``group_by`` holds dimension names from ``schemas.meters.GROUP_BY_KEYS``
+    DST day is 23 or 25 hours long). ``group_by`` holds dimension names from the meter's ``group_keys``
     (it already includes ``subject`` when subjects are filtered, as OpenMeter does). ``include`` and
     ``exclude`` restrict dimensions to, or away from, sets of values.
     """
 
-    meter: Meter
+    meter: Meter | UserMeter
     start: datetime | None = None
     end: datetime | None = None
     window_size: WindowSize | None = None

@@ -277,6 +277,8 @@ class SinkSettings(_Service):
     #: HTTP port for health, metrics and the query API (0: none).
     port: int = Field(default=8889, ge=0, le=65535)
     price_overrides: Path | None = None
+    #: User-defined meters in OpenMeter's format (a YAML file with ``meters:``); README "Meters".
+    meters_file: Path | None = None
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
@@ -297,6 +299,8 @@ class QuerySettings(_Service):
     host: str = "127.0.0.1"
     port: int = Field(default=8890, ge=0, le=65535)
     price_overrides: Path | None = None
+    #: User-defined meters in OpenMeter's format (a YAML file with ``meters:``); README "Meters".
+    meters_file: Path | None = None
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").
     default_plan: str | None = None
@@ -316,6 +320,8 @@ class LocalSettings(BaseSettings):
     #: Port of the bundled broker (0: pick a free one).
     broker_port: int = Field(default=0, ge=0, le=65535)
     partitions: int = Field(default=4, ge=1, le=64)
+    #: User-defined meters in OpenMeter's format (a YAML file with ``meters:``); README "Meters".
+    meters_file: Path | None = None
     #: An external PostgreSQL for the control plane; by default an embedded one runs in the data directory.
     postgres: PostgresSettings = PostgresSettings()
     #: Plan applied to subjects that have none (its key; see README "Limits").

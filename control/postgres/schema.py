@@ -315,6 +315,29 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         CREATE TABLE alert_sweeps (name text PRIMARY KEY, next_at timestamptz NOT NULL);
         """,
     ),
+    Migration(
+        5,
+        "meters users define through the API",
+        """
+        CREATE TABLE meters (
+            id text PRIMARY KEY,
+            slug text NOT NULL,
+            name text NOT NULL,
+            description text,
+            event_type text NOT NULL,
+            aggregation text NOT NULL,
+            value_property text,
+            group_by jsonb NOT NULL DEFAULT '{}',
+            event_from timestamptz,
+            metadata jsonb,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            deleted_at timestamptz
+        );
+        -- One live meter per slug; a deleted one keeps its row (and its slug may be used again).
+        CREATE UNIQUE INDEX meters_live_slug ON meters (slug) WHERE deleted_at IS NULL;
+        """,
+    ),
 )
 
 

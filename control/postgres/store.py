@@ -41,6 +41,7 @@ from control.model import (
 )
 from control.periods import Interval, RecurringPeriod
 from control.postgres.alerts import AlertSql
+from control.postgres.meters import MeterSql
 from control.postgres.schema import migrate
 from control.store import Conflict, ReserveState, StoreUnavailable
 
@@ -162,7 +163,7 @@ def _json(value: Mapping[str, Any] | None) -> Jsonb | None:
     return None if value is None else Jsonb(dict(value))
 
 
-class PgTx(AlertSql):
+class PgTx(AlertSql, MeterSql):
     """The store's operations inside one transaction."""
 
     async def lock_subject(self, subject_key: str) -> None:

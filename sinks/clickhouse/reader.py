@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
-from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS
+from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS, Meter, UserMeter
 from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow, WindowSize
 from sinks.clickhouse.connection import ClickHouse, is_embedded
 
@@ -91,7 +91,9 @@ def _filters(query: MeterQuery, params: dict[str, Any]) -> list[str]:
 def _usage_union(query: MeterQuery, params: dict[str, Any]) -> str:
     """The minute rows (``ts, subject, provider, model, v``) of a query's range: whole minutes from the
     windows, partial minutes at the edges from the audit log."""
-    column = query.meter.column
+    meter = query.meter
+    assert isinstance(meter, Meter), "user meters are read from the audit log (user_meter_sql)"
+    column = meter.column
     filters = _filters(query, params)
     start, end = _bounded(query.start), _bounded(query.end)
     whole_from = _ceil_minute(start) if start else None
@@ -156,6 +158,89 @@ def meter_query_sql(query: MeterQuery) -> Sql:
             f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
             f"SELECT {bucket} AS window_start{dim_list}, sum(v) AS value FROM ({union}) "
             f"GROUP BY window_start{dim_list}) ORDER BY window_start{dim_list}"
+        )
+    return sql, params
+
+
+#: What each aggregation of a user meter computes from its rows (``v``: the value as an exact decimal, NULL
+#: when missing or not a number; ``vs``: the value as text; ``t`` the event time). A value that is missing
+#: or not a number is left out (never taken as 0); a window whose values all are has no row.
+_USER_AGGREGATES: Final[Mapping[str, str]] = {
+    "SUM": "sum(v)",
+    "COUNT": "toDecimal128(count(), 0)",
+    # Exact: a decimal sum over the count, truncated at 18 decimal places (avg() would be a float).
+    "AVG": "sum(v) / nullIf(count(v), 0)",
+    "MIN": "min(v)",
+    "MAX": "max(v)",
+    "UNIQUE_COUNT": "toDecimal128(uniqExactIf(vs, vs != ''), 0)",
+    # The value of the latest event; ties in time broken by the event id, so the answer is deterministic.
+    "LATEST": "argMaxIf(v, (t, id), v IS NOT NULL)",
+}
+#: The statuses whose events are in no meter: too late, or from a record that could not be processed.
+_NOT_METERED: Final = "('late', 'failed')"
+
+
+def _user_rows(query: MeterQuery, meter: UserMeter, params: dict[str, Any]) -> tuple[str, list[str]]:
+    """The rows (``t, ts, id, subject, <group keys>, v, vs``) of a user meter's events in a query's range,
+    filtered; and the group-by columns in order. From the deduplicated audit log (FINAL: one row per
+    event), exact to the microsecond at the range's ends."""
+    params["etype"] = meter.event_type
+    where = ["type = {etype:String}", f"status NOT IN {_NOT_METERED}"]
+    for name, bound, op in (("start", query.start, ">="), ("end", query.end, "<"), ("from", meter.event_from, ">=")):
+        if bound is not None:
+            params[f"u_{name}"] = _bounded(bound)
+            where.append(f"time {op} {{u_{name}:DateTime64(6, 'UTC')}}")
+    columns = ["time AS t", "toDateTime(toStartOfMinute(time), 'UTC') AS ts", "id", "subject"]
+    keys = list(meter.group_by)
+    for i, key in enumerate(keys):
+        params[f"gp{i}"] = meter.group_by[key]
+        columns.append(f"JSON_VALUE(data, {{gp{i}:String}}) AS g{i}")
+    if meter.value_property is not None:
+        params["vp"] = meter.value_property
+        columns.append("JSON_VALUE(data, {vp:String}) AS vs")
+        columns.append("toDecimal128OrNull(vs, 18) AS v")
+    else:
+        columns.append("'' AS vs")
+        columns.append("CAST(NULL, 'Nullable(Decimal(38, 18))') AS v")
+    column_of = {"subject": "subject"} | {key: f"g{i}" for i, key in enumerate(keys)}
+    filters = []
+    for dimension, values in query.include.items():
+        params[f"in_{dimension}"] = list(values)
+        filters.append(f"{column_of[dimension]} IN {{in_{dimension}:Array(String)}}")
+    for dimension, values in query.exclude.items():
+        params[f"out_{dimension}"] = list(values)
+        filters.append(f"{column_of[dimension]} NOT IN {{out_{dimension}:Array(String)}}")
+    rows = f"SELECT {', '.join(columns)} FROM usage_events FINAL WHERE {' AND '.join(where)}"
+    if filters:
+        rows = f"SELECT * FROM ({rows}) WHERE {' AND '.join(filters)}"
+    return rows, [column_of[d] for d in meter.group_keys if d in query.group_by]
+
+
+def user_meter_sql(query: MeterQuery) -> Sql:
+    """SQL and parameters answering a query of a user meter."""
+    meter = query.meter
+    assert isinstance(meter, UserMeter)
+    params: dict[str, Any] = {"tz": query.time_zone}
+    rows, dims = _user_rows(query, meter, params)
+    aggregate = _USER_AGGREGATES[meter.aggregation]
+    dim_list = "".join(f", {d}" for d in dims)
+    if query.window_size is None:
+        span = (
+            "min(ts) AS window_start, max(ts) + 60 AS window_end"
+            if query.start is None or query.end is None
+            else "toDateTime(0, 'UTC') AS window_start, toDateTime(0, 'UTC') AS window_end"
+        )
+        sql = (
+            f"SELECT {span}{dim_list}, {aggregate} AS value FROM ({rows}) "
+            f"GROUP BY {', '.join(dims) or 'tuple()'} HAVING value IS NOT NULL "
+            f"ORDER BY {', '.join(dims) or 'window_start'}"
+        )
+    else:
+        bucket, bucket_end = _BUCKETS[query.window_size]
+        sql = (
+            f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
+            f"SELECT {bucket} AS window_start{dim_list}, {aggregate} AS value FROM ({rows}) "
+            f"GROUP BY window_start{dim_list} HAVING value IS NOT NULL) ORDER BY window_start{dim_list}"
         )
     return sql, params
 
@@ -243,9 +328,9 @@ class MeterReader:
         return self._ch.client().query(sql, parameters=params, settings=self._limits)
 
     def query_meter(self, query: MeterQuery) -> list[QueryRow]:
-        sql, params = meter_query_sql(query)
+        sql, params = user_meter_sql(query) if isinstance(query.meter, UserMeter) else meter_query_sql(query)
         result = self._query(sql, params)
-        dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
+        dims = [d for d in query.meter.group_keys if d in query.group_by]
         # Unwindowed: the window is the query's range where it has bounds (converted once, not per row).
         range_start = _utc(query.start) if query.window_size is None and query.start else None
         range_end = _utc(query.end) if query.window_size is None and query.end else None
@@ -269,6 +354,43 @@ class MeterReader:
         for segment, value in self._query(sql, params).result_rows:
             totals[segment] = Decimal(value)
         return totals
+
+    def meter_subjects(
+        self, meter: Meter | UserMeter, start: datetime | None = None, end: datetime | None = None
+    ) -> list[str]:
+        """Every subject with events in this meter, in ``[start, end)`` (``/meters/{meter}/subjects``)."""
+        return self.group_values(meter, "subject", start, end)
+
+    def group_values(
+        self, meter: Meter | UserMeter, key: str, start: datetime | None = None, end: datetime | None = None
+    ) -> list[str]:
+        """Every value of one group-by key in this meter's events, in ``[start, end)``
+        (``/meters/{meter}/group-by/{key}/values``)."""
+        params: dict[str, Any] = {}
+        if isinstance(meter, Meter):
+            if key not in GROUP_BY_KEYS:
+                raise KeyError(key)
+            where = ["subject != ''"]
+            time_column, table, value = "window_start", "usage_windows", key
+            kind = "DateTime('UTC')"
+            start = _floor_minute(start) if start is not None else None  # windows are whole minutes
+        else:
+            params["etype"] = meter.event_type
+            where = ["type = {etype:String}", f"status NOT IN {_NOT_METERED}"]
+            time_column, table, kind = "time", "usage_events", "DateTime64(6, 'UTC')"
+            if key == "subject":
+                value = "subject"
+            else:
+                params["path"] = meter.group_by[key]
+                value = "JSON_VALUE(data, {path:String})"
+        for name, bound, op in (("start", start, ">="), ("end", end, "<")):
+            if bound is not None:
+                params[name] = _bounded(bound)
+                where.append(f"{time_column} {op} {{{name}:{kind}}}")
+        sql = (
+            f"SELECT DISTINCT {value} AS value FROM {table} WHERE {' AND '.join(where)} AND value != '' ORDER BY value"
+        )
+        return [str(row[0]) for row in self._query(sql, params).result_rows]
 
     def usage_subjects(self) -> list[tuple[str, datetime]]:
         """Every subject with stored usage, and the start of its first window."""

@@ -1,0 +1,305 @@
+"""User-defined meters (issue 18): OpenMeter's model, created through OpenMeter's official client and the
+meters file, every aggregation answered against a ground truth computed here, independently: duplicates,
+events sent late and out of order, a DST change in the query's time zone, missing and non-numeric values."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterator
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from corehttp.exceptions import HttpResponseError
+from openmeter import Client
+from openmeter.models import Event
+
+from tests.helpers.stack import LocalStack
+
+pytestmark = pytest.mark.e2e
+
+UTC = dt.UTC
+ZONE = "Europe/Budapest"  # leaves DST on 2025-10-26 at 01:00Z: that local day has 25 hours
+START = dt.datetime(2025, 10, 25, 12, 0, tzinfo=UTC)
+SPAN = dt.timedelta(hours=40)
+AGGREGATIONS = ("SUM", "COUNT", "UNIQUE_COUNT", "AVG", "MIN", "MAX", "LATEST")
+METERS_FILE = """
+meters:
+  - slug: api_latency_max
+    event_type: api_calls
+    aggregation: MAX
+    value_property: $.duration_ms
+    group_by:
+      method: $.method
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    base = tmp_path_factory.mktemp("user-meters")
+    meters_file = base / "meters.yaml"
+    meters_file.write_text(METERS_FILE)
+    env = {
+        "METERSTREAM_PROCESSOR_ALLOWED_LATENESS_S": str(3 * 365 * 86400),
+        "METERSTREAM_LOCAL_METERS_FILE": str(meters_file),
+    }
+    stack = LocalStack(base / "data", env=env).start()
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack: LocalStack) -> Client:
+    return Client(endpoint=stack.url, retry_total=0)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def api_calls(n: int, seed: int) -> list[dict[str, Any]]:
+    """Events of type api_calls: a duration (a number, a numeric string, missing, or not a number), a method,
+    a user agent; spread over SPAN around the DST change, shuffled (so sent out of order, some hours late)."""
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        t = START + dt.timedelta(microseconds=rng.randrange(int(SPAN.total_seconds() * 1e6)))
+        data: dict[str, Any] = {"method": rng.choice(["GET", "POST", "PUT"]), "agent": f"agent-{rng.randrange(25)}"}
+        kind = rng.random()
+        if kind < 0.70:
+            data["duration_ms"] = rng.randrange(1, 5000)
+        elif kind < 0.85:
+            data["duration_ms"] = f"{rng.randrange(1, 500_000) / 100:.2f}"  # numeric strings count too
+        elif kind < 0.93:
+            pass  # missing: left out of SUM/AVG/MIN/MAX/LATEST, never taken as 0
+        else:
+            data["duration_ms"] = "n/a"  # not a number: likewise
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": f"call-{seed}-{i}",
+                "source": "api-gateway",
+                "type": "api_calls",
+                "subject": f"customer-{rng.randrange(4)}",
+                "time": iso(t),
+                "data": data,
+            }
+        )
+    rng.shuffle(events)
+    return events
+
+
+def value_of(event: dict[str, Any]) -> Decimal | None:
+    raw = event["data"].get("duration_ms")
+    if raw is None:
+        return None
+    try:
+        return Decimal(str(raw))
+    except ArithmeticError:
+        return None
+
+
+def window(t: dt.datetime, size: str) -> tuple[dt.datetime, dt.datetime]:
+    local = t.astimezone(ZoneInfo(ZONE))
+    if size == "HOUR":
+        start = local.replace(minute=0, second=0, microsecond=0)
+        return start.astimezone(UTC), start.astimezone(UTC) + dt.timedelta(hours=1)
+    day = local.date()
+    start = dt.datetime.combine(day, dt.time(), ZoneInfo(ZONE))
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), ZoneInfo(ZONE))
+    return start.astimezone(UTC), end.astimezone(UTC)
+
+
+def truth(events: list[dict[str, Any]], aggregation: str, size: str) -> dict[tuple[Any, ...], Decimal]:
+    """The answer, computed from the events sent (each (source, id) once), per window, subject and method."""
+    unique = {(e["source"], e["id"]): e for e in events}.values()
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for e in unique:
+        t = dt.datetime.fromisoformat(e["time"])
+        groups[(*window(t, size), e["subject"], e["data"]["method"])].append(e)
+    out: dict[tuple[Any, ...], Decimal] = {}
+    for key, members in groups.items():
+        valued = [(value_of(e), e) for e in members]
+        values = [v for v, _ in valued if v is not None]
+        if aggregation == "COUNT":
+            out[key] = Decimal(len(members))
+        elif aggregation == "UNIQUE_COUNT":
+            out[key] = Decimal(len({e["data"]["agent"] for e in members}))
+        elif not values:
+            continue  # nothing to aggregate: no row (never a silent 0)
+        elif aggregation == "SUM":
+            out[key] = sum(values, Decimal(0))
+        elif aggregation == "AVG":
+            out[key] = (sum(values, Decimal(0)) / len(values)).quantize(Decimal("1e-18"), rounding=ROUND_DOWN)
+        elif aggregation == "MIN":
+            out[key] = min(values)
+        elif aggregation == "MAX":
+            out[key] = max(values)
+        else:  # LATEST: by event time, ties by id
+            latest = max(((v, e) for v, e in valued if v is not None), key=lambda ve: (ve[1]["time"], ve[1]["id"]))
+            out[key] = latest[0]
+    return out
+
+
+def answer(stack: LocalStack, slug: str, size: str) -> dict[tuple[Any, ...], Decimal]:
+    params: list[tuple[str, str | int | float | bool | None]] = [
+        ("windowSize", size),
+        ("windowTimeZone", ZONE),
+        ("groupBy", "subject"),
+        ("groupBy", "method"),
+        ("from", iso(START - dt.timedelta(days=1))),
+        ("to", iso(START + SPAN + dt.timedelta(days=1))),
+    ]
+    r = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query", params=params, timeout=30)
+    assert r.status_code == 200, r.text
+    rows = json.loads(r.text, parse_float=Decimal, parse_int=Decimal)["data"]
+    return {
+        (
+            dt.datetime.fromisoformat(row["windowStart"]).astimezone(UTC),
+            dt.datetime.fromisoformat(row["windowEnd"]).astimezone(UTC),
+            row["subject"],
+            row["groupBy"]["method"],
+        ): row["value"]
+        for row in rows
+    }
+
+
+def ingest(stack: LocalStack, events: list[dict[str, Any]]) -> None:
+    for i in range(0, len(events), 500):
+        r = httpx.post(
+            f"{stack.url}/api/v1/events",
+            content=json.dumps(events[i : i + 500]),
+            headers={"Content-Type": "application/cloudevents-batch+json"},
+            timeout=30,
+        )
+        assert r.status_code == 204, r.text
+
+
+def stored(stack: LocalStack, slug: str, count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 90
+    got = None
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query", timeout=30)
+        rows = r.json()["data"] if r.status_code == 200 else []
+        got = rows[0]["value"] if rows else 0
+        if got == count:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{got} of {count} events stored")
+
+
+def test_the_openmeter_article_example_through_its_client(client: Client, stack: LocalStack) -> None:
+    # OpenMeter's "metering OpenAI usage" article, verbatim: meter m1 sums $.tokens by $.model.
+    meter = client.meters.create(
+        {
+            "slug": "m1",
+            "eventType": "openai",
+            "aggregation": "SUM",
+            "valueProperty": "$.tokens",
+            "groupBy": {"model": "$.model"},
+        }
+    )
+    assert (meter.slug, meter.aggregation, meter.event_type) == ("m1", "SUM", "openai")
+    hour = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=2)
+    sent = []
+    for i in range(30):
+        model = ["gpt-3.5-turbo", "gpt-4o"][i % 2]
+        t = hour + dt.timedelta(minutes=4 * i)
+        sent.append((t, model, 21 + i))
+        event = Event(
+            specversion="1.0",
+            id=f"article-{i}",
+            source="my-app",
+            type="openai",
+            subject="1",
+            time=t,
+            data={"tokens": 21 + i, "model": model},
+        )
+        client.events.ingest_event(event)
+    client.events.ingest_event(event)  # resent: counted once
+    import time
+
+    expected: dict[tuple[dt.datetime, str], Decimal] = defaultdict(Decimal)
+    for t, model, tokens in sent:
+        expected[(t.replace(minute=0), model)] += tokens
+    deadline = time.monotonic() + 60
+    while True:
+        result = client.meters.query_json("m1", window_size="HOUR", group_by=["model"])
+        got = {(r.window_start.astimezone(UTC), r.group_by["model"]): Decimal(str(r.value)) for r in result.data}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert got == expected
+    assert client.meters.query_json("requests").data == []  # not llm.usage events: in no LLM meter
+    assert [m for m in client.meters.list() if m.slug == "m1"]
+    assert client.meters.list_subjects("m1") == ["1"]
+    assert client.meters.list_group_by_values("m1", "model") == ["gpt-3.5-turbo", "gpt-4o"]
+    # What would change the meaning of its numbers cannot be edited in place: 409 saying what to do.
+    r = httpx.put(f"{stack.url}/api/v1/meters/m1", json={"aggregation": "MAX"}, timeout=10)
+    assert r.status_code == 409 and "Create a meter with another slug" in r.json()["detail"], r.text
+    updated = client.meters.update("m1", {"name": "Tokens", "groupBy": {"model": "$.model", "team": "$.team"}})
+    assert updated.name == "Tokens"
+    assert set(updated.group_by or {}) == {"model", "team"}
+    client.meters.delete("m1")
+    with pytest.raises(HttpResponseError) as missing:
+        client.meters.get("m1")
+    assert missing.value.status_code == 404
+
+
+def test_every_aggregation_equals_the_ground_truth(stack: LocalStack) -> None:
+    events = api_calls(3000, seed=7)
+    # Half the events are stored before any meter exists: a meter made later covers them.
+    ingest(stack, events[:1500])
+    for aggregation in AGGREGATIONS:
+        body: dict[str, Any] = {
+            "slug": f"api_{aggregation.lower()}",
+            "eventType": "api_calls",
+            "aggregation": aggregation,
+            "groupBy": {"method": "$.method"},
+        }
+        if aggregation != "COUNT":
+            body["valueProperty"] = "$.agent" if aggregation == "UNIQUE_COUNT" else "$.duration_ms"
+        r = httpx.post(f"{stack.url}/api/v1/meters", json=body, timeout=10)
+        assert r.status_code == 201, r.text
+    ingest(stack, events[1500:])
+    ingest(stack, events[:300])  # resent: duplicates count once
+    stored(stack, "api_count", 3000)
+    for aggregation in AGGREGATIONS:
+        for size in ("HOUR", "DAY"):
+            assert answer(stack, f"api_{aggregation.lower()}", size) == truth(events, aggregation, size), (
+                aggregation,
+                size,
+            )
+    # The meters file's meter answers the same as the API's MAX.
+    assert answer(stack, "api_latency_max", "DAY") == truth(events, "MAX", "DAY")
+    r = httpx.delete(f"{stack.url}/api/v1/meters/api_latency_max", timeout=10)
+    assert r.status_code == 409 and "meters file" in r.json()["detail"]
+
+
+def test_bad_definitions_name_the_field(stack: LocalStack) -> None:
+    cases = [
+        ({"slug": "Bad Slug", "eventType": "x", "aggregation": "SUM", "valueProperty": "$.v"}, "slug"),
+        ({"slug": "tokens_total", "eventType": "x", "aggregation": "SUM", "valueProperty": "$.v"}, "slug"),
+        ({"slug": "ok", "eventType": "x", "aggregation": "MEDIAN", "valueProperty": "$.v"}, "aggregation"),
+        ({"slug": "ok", "eventType": "x", "aggregation": "SUM"}, "valueProperty"),
+        ({"slug": "ok", "eventType": "x", "aggregation": "SUM", "valueProperty": "$..v"}, "valueProperty"),
+        ({"slug": "ok", "eventType": "x", "aggregation": "COUNT", "groupBy": {"subject": "$.s"}}, "groupBy"),
+    ]
+    for body, field in cases:
+        r = httpx.post(f"{stack.url}/api/v1/meters", json=body, timeout=10)
+        assert r.status_code == 400, (body, r.text)
+        assert r.headers["Content-Type"] == "application/problem+json"
+        assert r.json()["detail"].startswith(field), r.text
+    r = httpx.post(f"{stack.url}/api/v1/meters", json={"slug": "dup", "eventType": "x", "aggregation": "COUNT"})
+    assert r.status_code == 201
+    r = httpx.post(f"{stack.url}/api/v1/meters", json={"slug": "dup", "eventType": "x", "aggregation": "COUNT"})
+    assert r.status_code == 409, r.text
+    r = httpx.get(f"{stack.url}/api/v1/meters/dup/query", params={"groupBy": "model"})
+    assert r.status_code == 400 and "groupBy" in r.text
