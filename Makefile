@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## Lint, type-check and run every test (unit, integration, end-to-end)
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -n 2 --dist loadfile tests
+	$(BIN)/pytest -n 3 --dist loadfile tests
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
