@@ -68,8 +68,10 @@ class MeterService:
     async def create(self, raw: Any) -> UserMeter:
         store = self._writable()
         meter = parse_meter(raw, meter_id=new_id(), now=self._clock(), origin="api")
-        if any(m.slug == meter.slug for m in self._configured):
-            raise Problem(409, f"a meter with slug {meter.slug} is defined in the meters file")
+        for other in self._configured:
+            if other.slug == meter.slug:
+                where = "built in" if other.origin == "builtin" else "defined in the meters file"
+                raise Problem(409, f"a meter with slug {meter.slug} is {where}")
         async with store.tx() as tx:
             await tx.insert_meter(meter)  # Conflict (409) when a live meter has the slug
         self._cached = None
@@ -128,7 +130,7 @@ class MeterService:
         meter = await self.find(id_or_slug)
         if meter is None:
             raise Problem(404, f"meter not found: {id_or_slug}")
-        if isinstance(meter, Meter):
+        if isinstance(meter, Meter) or meter.origin == "builtin":
             raise Problem(409, f"{meter.slug} is a built-in meter: it cannot be changed or deleted")
         if meter.origin == "config":
             raise Problem(409, f"meter {meter.slug} is defined in the meters file: change it there")

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH, CloudEvent, check_event_time, to_micros
 from schemas.problems import FieldError, Problem
 from schemas.records import AcceptedEvent
-from schemas.usage import UsageError, canonical_provider, normalize_usage
+from schemas.usage import UsageError, canonical_provider, normalize_usage, resolve_model
 
 STRUCTURED: Final = "application/cloudevents+json"
 BATCH: Final = "application/cloudevents-batch+json"
@@ -45,6 +45,8 @@ class IngestPolicy:
     usage_event_type: str
     max_batch_events: int
     max_future: timedelta
+    #: LiteLLM's `openmeter` callback's event type ("" : not read as usage).
+    litellm_event_type: str = ""
 
 
 def media_type(content_type: str | None) -> str:
@@ -195,12 +197,14 @@ def _accept(
             "received_us": received_us,
             "data": data,
         }
-        if event.type == policy.usage_event_type:
-            try:
+        try:
+            if event.type == policy.usage_event_type:
                 _add_usage(record, event.data)
-            except UsageError as exc:
-                errors.append(FieldError(exc.field, exc.message, where))
-                continue
+            elif policy.litellm_event_type and event.type == policy.litellm_event_type:
+                _add_litellm_usage(record, event.data)
+        except UsageError as exc:
+            errors.append(FieldError(exc.field, exc.message, where))
+            continue
         accepted.append(record)
     if errors:
         raise _problem(errors)
@@ -222,6 +226,34 @@ def _add_usage(record: AcceptedEvent, data: dict[str, Any] | None) -> None:
     context = _price_context(data)
     if context:
         record["price_context"] = context
+
+
+def _add_litellm_usage(record: AcceptedEvent, data: dict[str, Any] | None) -> None:
+    """An event of LiteLLM's `openmeter` callback: ``{model, cost, prompt_tokens, completion_tokens,
+    total_tokens}`` (litellm/integrations/openmeter.py). Prompt tokens include cached ones and completion
+    tokens reasoning ones, as in Meterstream's canonical counts; the provider comes from the model; the
+    event is priced by Meterstream like any other, LiteLLM's own ``cost`` stays in the data (and in the
+    ``litellm_cost_usd`` meter)."""
+    if not isinstance(data, dict):
+        raise UsageError("data", f"events of type {record['type']!r} carry LiteLLM's usage object in data")
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip() or len(model) > 256:
+        raise UsageError("data.model", "data.model must be a non-empty string (at most 256 characters)")
+    counts = {}
+    for field, key in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        value = data.get(field)
+        if value is None:
+            value = 0  # LiteLLM sends no usage for responses without any (image generation, ...)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
+            raise UsageError(f"data.{field}", f"data.{field} must be a non-negative integer")
+        counts[key] = value
+    cost = data.get("cost")
+    if cost is not None and (not isinstance(cost, int | float) or isinstance(cost, bool) or cost < 0):
+        raise UsageError("data.cost", "data.cost must be a non-negative number or null")
+    provider, name = resolve_model(model.strip())
+    record["provider"] = provider
+    record["model"] = name
+    record["usage"] = counts
 
 
 def _price_context(data: Mapping[str, Any]) -> dict[str, str]:

@@ -50,6 +50,7 @@ class IngestService:
     ) -> None:
         self._policy = IngestPolicy(
             usage_event_type=settings.usage_event_type,
+            litellm_event_type=settings.litellm_event_type,
             max_batch_events=settings.max_batch_events,
             max_future=timedelta(seconds=settings.max_future_s),
         )

@@ -58,6 +58,7 @@ from processors.app import Processor
 from processors.pricing import Pricer, load_overrides
 from query.render import rfc3339
 from query.routes import PriceQuoter, query_routes
+from schemas.meters import UserMeter, litellm_cost_meter
 from schemas.problems import MeterstreamError, Problem
 from schemas.settings import (
     AlertSettings,
@@ -106,10 +107,11 @@ def make_quoter(pricer: Pricer) -> PriceQuoter:
     return quote
 
 
-def make_meters(meters_file: Path | None, store: PostgresStore | None) -> MeterService:
-    """The user-defined meters: the meters file's (validated now: a bad file stops the start, naming the
-    field) and, with a store, the API's."""
-    configured = []
+def make_meters(meters_file: Path | None, store: PostgresStore | None, litellm_event_type: str) -> MeterService:
+    """The user-defined meters: LiteLLM's cost (when its events are read), the meters file's (validated now:
+    a bad file stops the start, naming the field) and, with a store, the API's."""
+    builtin = [litellm_cost_meter(litellm_event_type)] if litellm_event_type else []
+    configured: list[UserMeter] = []
     if meters_file is not None:
         try:
             document = yaml.safe_load(meters_file.read_text())
@@ -120,7 +122,7 @@ def make_meters(meters_file: Path | None, store: PostgresStore | None) -> MeterS
         except Problem as problem:
             raise MeterstreamError(f"invalid meters file {meters_file}: {problem.detail}") from None
         log.info("meterstream: %d meters from %s", len(configured), meters_file)
-    return MeterService(store, configured)
+    return MeterService(store, builtin + configured)
 
 
 def make_store(postgres: PostgresSettings) -> PostgresStore | None:
@@ -199,6 +201,7 @@ def make_usage_events(
 def _policy(settings: IngestSettings) -> IngestPolicy:
     return IngestPolicy(
         usage_event_type=settings.usage_event_type,
+        litellm_event_type=settings.litellm_event_type,
         max_batch_events=settings.max_batch_events,
         max_future=timedelta(seconds=settings.max_future_s),
     )
@@ -395,7 +398,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
             await asyncio.to_thread(thread.join)
             ch.close()
 
-    meters = make_meters(settings.meters_file, store)
+    meters = make_meters(settings.meters_file, store, settings.litellm_event_type)
     routes = [
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
         *meter_routes(meters),
@@ -425,7 +428,7 @@ def query_app(settings: QuerySettings) -> Starlette:
         reserving = (events, pricer, settings.reservations, settings.usage_event_type, ReaderClock(reader))
     control = make_control(store, settings.default_plan, reader, reserving, settings.alerts)
     access = make_access(settings.auth, store, "query")
-    meters = make_meters(settings.meters_file, store)
+    meters = make_meters(settings.meters_file, store, settings.litellm_event_type)
     routes = [
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
         *meter_routes(meters),
@@ -497,7 +500,7 @@ def local_app(local: LocalSettings) -> Starlette:
     if control.alerts is not None:
         sink.on_stored = control.alerts.service.kick_threadsafe
     access = make_access(local.auth, store, "meterstream")
-    meters = make_meters(local.meters_file, store)
+    meters = make_meters(local.meters_file, store, ingest_settings.litellm_event_type)
     sink_thread = threading.Thread(target=sink.run, name="sink", daemon=True)
 
     @asynccontextmanager

@@ -62,7 +62,7 @@ class Processor:
         self._settings = settings
         self._pricer = pricer
         self._topic_id = topic_id
-        self._policy = WindowPolicy(settings.usage_event_type, settings.allowed_lateness_s * 1_000_000)
+        self._policy = WindowPolicy(settings.allowed_lateness_s * 1_000_000)
         # Keys of events whose output was acknowledged; only ever used to drop duplicates early.
         self._recent: RecentKeys[tuple[str, str], None] = RecentKeys(settings.recent_keys)
         self.assigned: set[int] = set()

@@ -46,7 +46,6 @@ class Output:
 
 @dataclass(frozen=True, slots=True)
 class WindowPolicy:
-    usage_event_type: str
     #: Events whose event time is more than this before their receive time are dead-lettered.
     allowed_lateness_us: int
 
@@ -79,7 +78,7 @@ def process_record(
     dead: list[DeadLetterRecord] = []
     seen: set[tuple[str, str]] = set()
     duplicates = unpriced = 0
-    usage_type, lateness = policy.usage_event_type, policy.allowed_lateness_us
+    lateness = policy.allowed_lateness_us
     price_of = pricer.price
     for index, event in enumerate(record["events"]):
         key = (event["source"], event["id"])
@@ -92,7 +91,8 @@ def process_record(
         price: Price | None = None
         reason = ""
         usage = event.get("usage")
-        if event["type"] != usage_type or usage is None:
+        # Ingest gives usage to the events the LLM meters count (the usage event type, LiteLLM's).
+        if usage is None:
             status: EventStatus = "not_metered"
         elif event["received_us"] - event["time_us"] > lateness:
             status = "late"

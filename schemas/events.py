@@ -14,6 +14,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, Strict, TypeAd
 
 #: The event type the built-in meters count, unless configured otherwise.
 DEFAULT_USAGE_EVENT_TYPE: Final = "llm.usage"
+#: The event type of LiteLLM's built-in `openmeter` callback (its OPENMETER_EVENT_TYPE default).
+DEFAULT_LITELLM_EVENT_TYPE: Final = "litellm_tokens"
 
 #: No control characters: a newline or NUL in a subject breaks CSV exports, logs and dashboards downstream.
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"

@@ -151,7 +151,7 @@ class UserMeter:
     description: str | None = None
     event_from: datetime | None = None
     metadata: Mapping[str, str] | None = None
-    #: "config" (the meters file: changed there, not through the API) or "api".
+    #: "config" (the meters file: changed there, not through the API), "api", or "builtin" (LiteLLM's cost).
     origin: str = "api"
     deleted_at: datetime | None = field(default=None, compare=False)
 
@@ -261,3 +261,21 @@ def parse_metadata(raw: Any, prefix: str = "") -> dict[str, str] | None:
     if not isinstance(raw, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         raise bad(f"{prefix}metadata", "an object of strings")
     return dict(raw)
+
+
+def litellm_cost_meter(event_type: str) -> UserMeter:
+    """LiteLLM's own cost of each call (the ``cost`` its `openmeter` callback sends), summed by model: beside
+    ``cost_usd`` (Meterstream's price at the time of the call) so the two can be compared."""
+    return UserMeter(
+        id=stable_ulid("litellm_cost_usd"),
+        slug="litellm_cost_usd",
+        name="litellm_cost_usd",
+        event_type=event_type,
+        aggregation="SUM",
+        value_property="$.cost",
+        group_by={"model": "$.model"},
+        created_at=_CREATED,
+        updated_at=_CREATED,
+        description="Cost in USD as LiteLLM computed it (its callback's `cost`); compare with cost_usd",
+        origin="builtin",
+    )

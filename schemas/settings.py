@@ -14,7 +14,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.events import DEFAULT_USAGE_EVENT_TYPE
+from schemas.events import DEFAULT_LITELLM_EVENT_TYPE, DEFAULT_USAGE_EVENT_TYPE
 
 #: How long a consumer (processor, sink) lets the broker hold a fetch that has no data yet. Some
 #: Kafka-protocol brokers (the bundled one) answer a fetch only when its wait is over, even once data has
@@ -189,6 +189,9 @@ class AuthSettings(BaseModel):
 
 class _Service(BaseSettings):
     usage_event_type: str = DEFAULT_USAGE_EVENT_TYPE
+    #: Events of LiteLLM's `openmeter` callback (this type; "" turns it off) count in the LLM meters too,
+    #: and their `cost` in the `litellm_cost_usd` meter. Give every process the same value.
+    litellm_event_type: str = DEFAULT_LITELLM_EVENT_TYPE
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

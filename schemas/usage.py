@@ -103,6 +103,24 @@ def canonical_provider(provider: str) -> str:
         return provider.strip().lower()
 
 
+@lru_cache(maxsize=4096)
+def resolve_model(model: str) -> tuple[str, str]:
+    """(provider, model) for a model name as LiteLLM reports it: ``openai/gpt-4o`` names its provider;
+    ``gpt-4o`` is looked up in genai-prices' data (the provider whose models match it); a model no provider
+    is known for keeps the provider ``unknown`` (its calls count, unpriced)."""
+    prefix, slash, rest = model.partition("/")
+    if slash and rest:
+        try:
+            return str(get_snapshot().find_provider(None, prefix, None).id), rest
+        except LookupError:
+            pass
+    try:
+        provider, _ = get_snapshot().find_provider_model(model, None, None, None)
+    except LookupError:
+        return "unknown", model
+    return str(provider.id), model
+
+
 def _check_count(field: str, value: Any) -> int:
     # bool is an int subclass: `true` is not a token count.
     if isinstance(value, bool) or not isinstance(value, int):

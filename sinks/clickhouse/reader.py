@@ -383,6 +383,8 @@ class MeterReader:
             else:
                 params["path"] = meter.group_by[key]
                 value = "JSON_VALUE(data, {path:String})"
+            if meter.event_from is not None:
+                start = max(start, meter.event_from) if start is not None else meter.event_from
         for name, bound, op in (("start", start, ">="), ("end", end, "<")):
             if bound is not None:
                 params[name] = _bounded(bound)

@@ -191,7 +191,7 @@ CORPUS = [
     Bad("events limit 101", 400, "limit", method="GET", path="/api/v1/events", params=[("limit", "101")]),
     Bad("reconcile without range", 400, "from", method="GET", path="/api/v1/admin/reconcile"),
     Bad("no such endpoint", 404, "no such endpoint", method="GET", path="/api/v2/things"),
-    Bad("wrong method", 405, "not allowed", method="DELETE", path="/api/v1/meters/cost_usd"),
+    Bad("wrong method", 405, "not allowed", method="PATCH", path="/api/v1/meters/cost_usd"),
 ]
 
 

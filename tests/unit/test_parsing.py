@@ -220,3 +220,46 @@ def test_a_number_past_64_bits_in_data_is_a_400_naming_the_event() -> None:
     assert problem.status == 400
     assert [(e.field, e.index) for e in problem.errors] == [("data", 1)]
     assert "64 bits" in problem.errors[0].message
+
+
+LITELLM = IngestPolicy(
+    usage_event_type="llm.usage",
+    max_batch_events=1000,
+    max_future=timedelta(hours=1),
+    litellm_event_type="litellm_tokens",
+)
+
+
+def litellm_event(data: Any) -> bytes:
+    return orjson.dumps(event(type="litellm_tokens", source="litellm-proxy", data=data))
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "name"),
+    [
+        ("gpt-4o-mini", "openai", "gpt-4o-mini"),
+        ("openai/gpt-4o", "openai", "gpt-4o"),
+        ("claude-3-5-sonnet-20240620", "anthropic", "claude-3-5-sonnet-20240620"),
+        ("gemini/gemini-1.5-pro", "google", "gemini-1.5-pro"),
+        ("my-own-model", "unknown", "my-own-model"),
+    ],
+)
+def test_litellm_callback_events_carry_usage(model: str, provider: str, name: str) -> None:
+    data = {"model": model, "cost": 0.00012, "prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+    headers = {"content-type": "application/cloudevents+json"}
+    (accepted,) = parse_request(headers, litellm_event(data), LITELLM, NOW)
+    assert (accepted["provider"], accepted["model"]) == (provider, name)
+    assert accepted["usage"] == {"input_tokens": 100, "output_tokens": 20}
+    assert orjson.loads(accepted["data"])["cost"] == 0.00012  # LiteLLM's own cost stays in the data
+
+
+def test_litellm_events_without_usage_count_zero_tokens_and_bad_counts_are_a_400() -> None:
+    headers = {"content-type": "application/cloudevents+json"}
+    (accepted,) = parse_request(headers, litellm_event({"model": "gpt-4o-mini", "cost": None}), LITELLM, NOW)
+    assert accepted["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    with pytest.raises(Problem) as info:
+        parse_request(headers, litellm_event({"model": "gpt-4o-mini", "prompt_tokens": "7"}), LITELLM, NOW)
+    assert "data.prompt_tokens" in info.value.detail
+    # Turned off (the default policy here): the same event is stored, not metered.
+    (plain,) = parse_request(headers, litellm_event({"model": "gpt-4o-mini", "prompt_tokens": 1}), POLICY, NOW)
+    assert "usage" not in plain

@@ -14,7 +14,7 @@ from schemas.money import from_atto
 from schemas.records import AcceptedEvent, EventsRecord
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-POLICY = WindowPolicy("llm.usage", allowed_lateness_us=7 * 86400 * 1_000_000)
+POLICY = WindowPolicy(allowed_lateness_us=7 * 86400 * 1_000_000)
 
 
 def accepted(
