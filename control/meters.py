@@ -94,7 +94,7 @@ class MeterService:
         if not isinstance(name, str) or not 1 <= len(name) <= 256:
             raise bad("name", "1 to 256 characters")
         description = raw.get("description", meter.description)
-        if description is not None and (not isinstance(description, str) or len(description) > 1024):
+        if "description" in raw and (not isinstance(description, str) or len(description) > 1024):
             raise bad("description", "at most 1024 characters")
         group_by = parse_group_by(raw["groupBy"]) if "groupBy" in raw else dict(meter.group_by)
         metadata = parse_metadata(raw["metadata"]) if "metadata" in raw else meter.metadata

@@ -206,22 +206,24 @@ def parse_meter(raw: Any, *, meter_id: str, now: datetime, origin: str, prefix: 
     if not isinstance(event_type, str) or not event_type.strip() or len(event_type) > 256:
         raise bad(f"{prefix}eventType", "the event type to aggregate (1 to 256 characters)")
     value_property = raw.get("valueProperty")
+    if "valueProperty" in raw and not isinstance(value_property, str):
+        raise bad(f"{prefix}valueProperty", "a JSONPath into data ($.tokens)")
     if aggregation == "COUNT":
         value_property = None  # ignored for COUNT, as OpenMeter
     elif not isinstance(value_property, str) or not _JSONPATH.match(value_property):
         raise bad(f"{prefix}valueProperty", f"a JSONPath into data ($.tokens) is required for {aggregation}")
-    group_by = parse_group_by(raw.get("groupBy"), prefix)
+    group_by = parse_group_by(raw["groupBy"], prefix) if "groupBy" in raw else {}
     name = raw.get("name", slug)
     if not isinstance(name, str) or not 1 <= len(name) <= 256:
         raise bad(f"{prefix}name", "1 to 256 characters")
     description = raw.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > 1024):
+    if "description" in raw and (not isinstance(description, str) or len(description) > 1024):
         raise bad(f"{prefix}description", "at most 1024 characters")
     event_from = raw.get("eventFrom")
-    if event_from is not None:
-        event_from = parse_time(f"{prefix}eventFrom", event_from) if isinstance(event_from, str) else None
-        if event_from is None:
+    if "eventFrom" in raw:
+        if not isinstance(event_from, str):
             raise bad(f"{prefix}eventFrom", "an RFC 3339 time")
+        event_from = parse_time(f"{prefix}eventFrom", event_from)
     metadata = parse_metadata(raw.get("metadata"), prefix)
     return UserMeter(
         id=meter_id,
@@ -241,8 +243,6 @@ def parse_meter(raw: Any, *, meter_id: str, now: datetime, origin: str, prefix: 
 
 
 def parse_group_by(raw: Any, prefix: str = "") -> dict[str, str]:
-    if raw is None:
-        return {}
     if not isinstance(raw, Mapping) or len(raw) > 20:
         raise bad(f"{prefix}groupBy", "an object of at most 20 group-by keys to JSONPaths")
     out: dict[str, str] = {}
