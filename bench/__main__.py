@@ -1,6 +1,6 @@
 """``python -m bench [scenario ...] [--smoke] [options]``: run the benchmarks, print one table.
 
-Scenarios: ingest, processing, freshness, limits, access, reservations, alerts, query (the default set), and
+Scenarios: ingest, processing, freshness, limits, access, reservations, alerts, query, meters (the default set), and
 soak (only when named). Raw results go to bench/results/bench-<time>.json. Benchmarks measure; they never fail
 on a timing (a scenario that cannot run at all is an error).
 """
@@ -28,9 +28,10 @@ SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "reservations": scenarios.reservations,
     "alerts": scenarios.alerts,
     "query": scenarios.query,
+    "meters": scenarios.meters,
     "soak": scenarios.soak,
 }
-DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "alerts", "query")
+DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "alerts", "query", "meters")
 
 
 def _parser() -> argparse.ArgumentParser:

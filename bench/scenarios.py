@@ -75,6 +75,9 @@ class Sizes:
     query_runs: int = 100
     top_runs: int = 50
     tutorial_query_events: int = 10_000_000
+    #: Events in the audit log for the user-defined meters scenario (each also in the built-in windows).
+    meter_events: int = 2_000_000
+    meter_subjects: int = 2_000
     #: SQLite answers the top-100 query in ~30 s on 10M rows: a few runs tell.
     tutorial_top_runs: int = 3
     soak_minutes: float = 10.0
@@ -118,6 +121,8 @@ SMOKE = Sizes(
     top_runs=10,
     tutorial_query_events=100_000,
     tutorial_top_runs=3,
+    meter_events=20_000,
+    meter_subjects=50,
     soak_minutes=0.2,
     soak_events_per_s=500.0,
 )
@@ -1497,6 +1502,146 @@ def query(sizes: Sizes, work: Path) -> list[Row]:
                         details={"meterstream": results[key], "generated": generated, "baseline": base_result},
                     )
                 )
+    return rows
+
+
+# -- user-defined meters --------------------------------------------------------------------------------
+
+_METERS_FILE = """
+meters:
+  - slug: input_tokens_user
+    eventType: llm.usage
+    aggregation: SUM
+    valueProperty: $.input_tokens
+    groupBy: {model: $.model}
+  - slug: models_used
+    eventType: llm.usage
+    aggregation: UNIQUE_COUNT
+    valueProperty: $.model
+"""
+
+
+def _generate_events(path: Path, events: int, subjects: int, days: int, end_s: int) -> dict[str, Any]:
+    """In a process of its own: ``events`` audit-log rows of llm.usage events over ``days`` days before
+    ``end_s`` (data as clients send it), and the built-in meters' windows summed from the same rows, so a
+    user meter and the built-in meter answer the same question from the same events."""
+    from schemas.settings import ClickHouseSettings
+    from sinks.clickhouse.connection import ClickHouse
+    from sinks.clickhouse.schema import migrate
+
+    ch = ClickHouse(ClickHouseSettings(dsn=f"chdb://{path}", database="meterstream"))
+    migrate(ch)
+    client = ch.client()
+    start = end_s - days * 86400
+    models = "['gpt-4o-mini','gpt-4o','claude-sonnet-4-20250514','claude-3-5-haiku-20241022','gemini-2.0-flash']"
+    started = time.monotonic()
+    client.command(
+        f"""
+        INSERT INTO usage_events (source, id, subject, type, time, received_at, stored_at, data, provider, model,
+            input_tokens, output_tokens, usage, cost_atto, price_source, status, src_topic, src_partition,
+            src_offset, src_index)
+        SELECT 'bench', toString(number), concat('user-', leftPad(toString(number % {subjects}), 5, '0')),
+               'llm.usage', t, t, t,
+               concat('{{"provider":"openai","model":"', {models}[m + 1], '","input_tokens":', toString(inp),
+                      ',"output_tokens":', toString(outp), '}}'),
+               'openai', {models}[m + 1], inp, outp, '{{}}', toInt128(inp) * 1000000000, 'bench', 'counted',
+               'bench', 0, number, 0
+        FROM (
+            SELECT number, cityHash64(number, 2) % 5 AS m, 50 + cityHash64(number, 4) % 20000 AS inp,
+                   1 + cityHash64(number, 5) % 4000 AS outp,
+                   toDateTime64({start} + cityHash64(number, 1) % ({days} * 86400), 6, 'UTC') AS t
+            FROM numbers({events})
+        )
+        """,
+        settings={"max_insert_block_size": 1_000_000},
+    )
+    client.command(
+        """
+        INSERT INTO usage_windows (subject, window_start, provider, model, src_topic, src_partition, requests,
+            input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, total_tokens,
+            cost_usd, unpriced_requests, applied_offset)
+        SELECT subject, toStartOfMinute(time), provider, model, '', 0, count(), sum(input_tokens),
+               sum(output_tokens), 0, 0, 0, sum(input_tokens + output_tokens), toDecimal128(0, 18), 0, -1
+        FROM usage_events GROUP BY subject, toStartOfMinute(time), provider, model
+        """
+    )
+    client.command("OPTIMIZE TABLE usage_windows FINAL")
+    client.command("OPTIMIZE TABLE usage_events FINAL")
+    stored = client.query("SELECT count() FROM usage_events").result_rows[0][0]
+    ch.close()
+    return {"events": int(stored), "seconds": time.monotonic() - started}
+
+
+def meters(sizes: Sizes, work: Path) -> list[Row]:
+    """A user-defined meter (computed from the audit log when queried) against the built-in meter answering
+    the same question from the 1-minute windows, over the same events, in the same run."""
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    end_s = int(today.timestamp())
+    base = work / "meters"
+    base.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        generated = pool.apply(_generate_events, (base / "clickhouse", sizes.meter_events, sizes.meter_subjects,
+                                                  sizes.query_days, end_s))  # fmt: skip
+    log(f"meters: generated {generated}")
+    meters_file = base / "meters.yaml"
+    meters_file.write_text(_METERS_FILE)
+    stack = bench_stack(base, METERSTREAM_SINK_METERS_FILE=str(meters_file))
+    stack.start_broker()
+    stack.start_sink()
+    lo = (today - timedelta(days=sizes.query_days)).isoformat().replace("+00:00", "Z")
+    hi = today.isoformat().replace("+00:00", "Z")
+    rng = random.Random(11)
+    results: dict[str, dict[str, Any]] = {}
+    runs = max(5, sizes.query_runs // 2)
+    try:
+        with httpx.Client(timeout=300) as client:
+            for key, slug, shape in (
+                ("builtin_day", "input_tokens", "subject"),
+                ("user_day", "input_tokens_user", "subject"),
+                ("builtin_top", "input_tokens", "top"),
+                ("user_top", "input_tokens_user", "top"),
+                ("unique_top", "models_used", "top"),
+            ):
+                times, answers = [], []
+                for i in range(runs + 2 if shape == "subject" else max(3, runs // 5) + 1):
+                    if shape == "subject":
+                        subject = f"user-{rng.randrange(sizes.meter_subjects):05d}"
+                        params = [("subject", subject), ("windowSize", "DAY"), ("groupBy", "model"), ("from", lo),
+                                  ("to", hi)]  # fmt: skip
+                    else:
+                        params = [("groupBy", "subject"), ("from", lo), ("to", hi)]
+                    elapsed, data = _timed(client, f"{stack.query_url}/api/v1/meters/{slug}/query", params)
+                    if i >= (2 if shape == "subject" else 1):
+                        times.append(elapsed)
+                    answers.append(sum(Decimal(str(r["value"])) for r in data))
+                results[key] = {"p50_ms": ms(percentile(times, 50)), "p95_ms": ms(percentile(times, 95)),
+                                "runs": len(times), "last_total": str(answers[-1])}  # fmt: skip
+    finally:
+        stack.stop()
+    log(f"meters: {results}")
+    same = results["builtin_top"]["last_total"] == results["user_top"]["last_total"]
+    events = f"{generated['events'] / 1e6:g}M events"
+    rows = []
+    for key, label in (("day", "one subject, 30 days, DAY windows by model"), ("top", "every subject, 30 days")):
+        for stat in ("p50", "p95"):
+            rows.append(
+                Row(
+                    "meters",
+                    f"user meter SUM, {label}, {stat} ({events}) vs the built-in meter",
+                    "ms",
+                    results[f"user_{key}"][f"{stat}_ms"],
+                    results[f"builtin_{key}"][f"{stat}_ms"],
+                    "built-in input_tokens (1-minute windows)",
+                    higher_is_better=False,
+                    details={"results": results, "generated": generated, "same_total": same},
+                )
+            )
+    unique = results["unique_top"]["p95_ms"]
+    rows.append(Row("meters", f"user meter UNIQUE_COUNT, every subject, 30 days, p95 ({events})", "ms", unique))
+    totals = {"builtin": results["builtin_top"]["last_total"], "user": results["user_top"]["last_total"]}
+    label = "user meter total equals the built-in meter's (every subject)"
+    rows.append(Row("meters", label, "bool", 1.0 if same else 0.0, details=totals))
     return rows
 
 

@@ -8,15 +8,18 @@ value property, start) cannot be edited: 409, with what to do instead.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from control.service import new_id
-from control.store import ControlStore
+from control.store import ControlStore, StoreUnavailable
 from schemas.meters import Meter, UserMeter, find_meter, parse_group_by, parse_metadata, parse_meter, stable_ulid
 from schemas.problems import Problem, bad
+
+log = logging.getLogger(__name__)
 
 #: How long this process trusts its copy of the API's meters (another process's change shows within it).
 CACHE_S: Final = 1.0
@@ -50,8 +53,16 @@ class MeterService:
         if self._store is None:
             return list(self._configured)
         if self._cached is None or time.monotonic() - self._cached_at > CACHE_S:
-            async with self._store.tx() as tx:
-                stored = await tx.meters()
+            try:
+                async with self._store.tx() as tx:
+                    stored = await tx.meters()
+            except StoreUnavailable as exc:
+                if self._cached is None:
+                    raise Problem(503, f"the API's meters cannot be read: {exc}", headers={"Retry-After": "5"}) from exc
+                # PostgreSQL away: the meters as last read (they change rarely; ingest and queries go on).
+                log.warning("meters: %s; answering with the meters as last read", exc)
+                self._cached_at = time.monotonic()
+                return self._configured + self._cached
             self._cached, self._cached_at = stored, time.monotonic()
         return self._configured + self._cached
 
@@ -74,7 +85,7 @@ class MeterService:
                 raise Problem(409, f"a meter with slug {meter.slug} is {where}")
         async with store.tx() as tx:
             await tx.insert_meter(meter)  # Conflict (409) when a live meter has the slug
-        self._cached = None
+        self._cached_at = 0.0
         return meter
 
     async def update(self, id_or_slug: str, raw: Any) -> UserMeter:
@@ -114,7 +125,7 @@ class MeterService:
         )
         async with store.tx() as tx:
             await tx.update_meter(updated)
-        self._cached = None
+        self._cached_at = 0.0
         return updated
 
     async def delete(self, id_or_slug: str) -> None:
@@ -122,11 +133,11 @@ class MeterService:
         meter = await self._own(id_or_slug)
         async with store.tx() as tx:
             await tx.delete_meter(meter.id, self._clock())
-        self._cached = None
+        self._cached_at = 0.0
 
     async def _own(self, id_or_slug: str) -> UserMeter:
         """A meter of the API's, or why it cannot be changed through the API."""
-        self._cached = None  # read what is stored now, not a second-old copy
+        self._cached_at = 0.0  # read what is stored now, not a second-old copy
         meter = await self.find(id_or_slug)
         if meter is None:
             raise Problem(404, f"meter not found: {id_or_slug}")

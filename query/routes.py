@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -278,17 +279,30 @@ def query_routes(
         )
 
     return [
-        Route("/api/v1/meters", list_meters, methods=["GET"]),
-        Route("/api/v1/meters/{meter}", get_meter, methods=["GET"]),
-        Route("/api/v1/meters/{meter}/query", query_meter, methods=["GET", "POST"]),
-        Route("/api/v1/meters/{meter}/subjects", group_values, methods=["GET"]),
-        Route("/api/v1/meters/{meter}/group-by/{key}/values", group_values, methods=["GET"]),
-        Route("/api/v1/portal/meters/{meter}/query", portal_query, methods=["GET"]),
+        Route("/api/v1/meters", _answering(list_meters), methods=["GET"]),
+        Route("/api/v1/meters/{meter}", _answering(get_meter), methods=["GET"]),
+        Route("/api/v1/meters/{meter}/query", _answering(query_meter), methods=["GET", "POST"]),
+        Route("/api/v1/meters/{meter}/subjects", _answering(group_values), methods=["GET"]),
+        Route("/api/v1/meters/{meter}/group-by/{key}/values", _answering(group_values), methods=["GET"]),
+        Route("/api/v1/portal/meters/{meter}/query", _answering(portal_query), methods=["GET"]),
         Route("/api/v1/events", list_events, methods=["GET"]),
         Route("/api/v1/prices", get_price, methods=["GET"]),
         Route("/api/v1/admin/reconcile", reconcile, methods=["GET"]),
         Route("/api/v1/admin/gaps", gaps, methods=["GET", "POST"]),
     ]
+
+
+def _answering(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A problem raised while answering (the catalog's store away: 503) as problem+json."""
+
+    @functools.wraps(handler)
+    async def answering(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Problem as problem:
+            return problem_response(problem)
+
+    return answering
 
 
 def _offset(body: Mapping[str, Any], name: str) -> int:

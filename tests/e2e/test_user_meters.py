@@ -303,3 +303,26 @@ def test_bad_definitions_name_the_field(stack: LocalStack) -> None:
     assert r.status_code == 409, r.text
     r = httpx.get(f"{stack.url}/api/v1/meters/dup/query", params={"groupBy": "model"})
     assert r.status_code == 400 and "groupBy" in r.text
+
+
+def test_user_meters_answer_while_postgres_is_away(stack: LocalStack) -> None:
+    r = httpx.post(
+        f"{stack.url}/api/v1/meters", json={"slug": "away", "eventType": "api_calls", "aggregation": "COUNT"}
+    )
+    assert r.status_code == 201, r.text
+    before = httpx.get(f"{stack.url}/api/v1/meters/away/query", timeout=30)
+    assert before.status_code == 200
+    stack.kill_postgres()
+    try:
+        import time
+
+        time.sleep(1.5)  # past the meters' cache: this process reads them again, and cannot
+        during = httpx.get(f"{stack.url}/api/v1/meters/away/query", timeout=30)
+        assert during.status_code == 200, during.text  # the meters as last read
+        assert during.json()["data"] == before.json()["data"]
+        create = httpx.post(
+            f"{stack.url}/api/v1/meters", json={"slug": "later", "eventType": "x", "aggregation": "COUNT"}
+        )
+        assert create.status_code == 503 and create.headers["Retry-After"], create.text
+    finally:
+        stack.start_postgres()
