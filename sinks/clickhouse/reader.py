@@ -138,6 +138,12 @@ def meter_query_sql(query: MeterQuery) -> Sql:
     params: dict[str, Any] = {"tz": query.time_zone}
     union = _usage_union(query, params)
     dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
+    return _aggregated(query, union, dims, "sum(v)"), params
+
+
+def _aggregated(query: MeterQuery, rows: str, dims: Sequence[str], aggregate: str, having: str = "") -> str:
+    """The answer's SQL: ``aggregate`` over ``rows`` (``ts`` a minute start, the ``dims`` columns, the value)
+    per window of the query and group; ``having`` drops groups (`` HAVING ...``)."""
     dim_list = "".join(f", {d}" for d in dims)
     if query.window_size is None:
         # The window is the query's range; only an open end needs the first or last minute with usage
@@ -148,18 +154,16 @@ def meter_query_sql(query: MeterQuery) -> Sql:
             else "toDateTime(0, 'UTC') AS window_start, toDateTime(0, 'UTC') AS window_end"
         )
         # GROUP BY tuple(): no matching events gives no row (not one row of zero).
-        sql = (
-            f"SELECT {span}{dim_list}, sum(v) AS value "
-            f"FROM ({union}) GROUP BY {', '.join(dims) or 'tuple()'} ORDER BY {', '.join(dims) or 'window_start'}"
+        return (
+            f"SELECT {span}{dim_list}, {aggregate} AS value FROM ({rows}) "
+            f"GROUP BY {', '.join(dims) or 'tuple()'}{having} ORDER BY {', '.join(dims) or 'window_start'}"
         )
-    else:
-        bucket, bucket_end = _BUCKETS[query.window_size]
-        sql = (
-            f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
-            f"SELECT {bucket} AS window_start{dim_list}, sum(v) AS value FROM ({union}) "
-            f"GROUP BY window_start{dim_list}) ORDER BY window_start{dim_list}"
-        )
-    return sql, params
+    bucket, bucket_end = _BUCKETS[query.window_size]
+    return (
+        f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
+        f"SELECT {bucket} AS window_start{dim_list}, {aggregate} AS value FROM ({rows}) "
+        f"GROUP BY window_start{dim_list}{having}) ORDER BY window_start{dim_list}"
+    )
 
 
 #: What each aggregation of a user meter computes from its rows (``v``: the value as an exact decimal, NULL
@@ -222,27 +226,7 @@ def user_meter_sql(query: MeterQuery) -> Sql:
     assert isinstance(meter, UserMeter)
     params: dict[str, Any] = {"tz": query.time_zone}
     rows, dims = _user_rows(query, meter, params)
-    aggregate = _USER_AGGREGATES[meter.aggregation]
-    dim_list = "".join(f", {d}" for d in dims)
-    if query.window_size is None:
-        span = (
-            "min(ts) AS window_start, max(ts) + 60 AS window_end"
-            if query.start is None or query.end is None
-            else "toDateTime(0, 'UTC') AS window_start, toDateTime(0, 'UTC') AS window_end"
-        )
-        sql = (
-            f"SELECT {span}{dim_list}, {aggregate} AS value FROM ({rows}) "
-            f"GROUP BY {', '.join(dims) or 'tuple()'} HAVING value IS NOT NULL "
-            f"ORDER BY {', '.join(dims) or 'window_start'}"
-        )
-    else:
-        bucket, bucket_end = _BUCKETS[query.window_size]
-        sql = (
-            f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
-            f"SELECT {bucket} AS window_start{dim_list}, {aggregate} AS value FROM ({rows}) "
-            f"GROUP BY window_start{dim_list} HAVING value IS NOT NULL) ORDER BY window_start{dim_list}"
-        )
-    return sql, params
+    return _aggregated(query, rows, dims, _USER_AGGREGATES[meter.aggregation], " HAVING value IS NOT NULL"), params
 
 
 def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql:
