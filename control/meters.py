@@ -8,6 +8,7 @@ value property, start) cannot be edited: 409, with what to do instead.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Final
 
 from control.service import new_id
 from control.store import ControlStore, StoreUnavailable
-from schemas.meters import Meter, UserMeter, find_meter, parse_group_by, parse_metadata, parse_meter, stable_ulid
+from schemas.meters import Meter, UserMeter, find_meter, parse_meter, stable_ulid
 from schemas.problems import Problem, bad
 
 log = logging.getLogger(__name__)
@@ -101,28 +102,10 @@ class MeterService:
                     f"value it has reported. Create a meter with another slug and the new {name} (it covers "
                     "the events already stored), move its users to it, then delete this one",
                 )
-        name = raw.get("name", meter.name)
-        if not isinstance(name, str) or not 1 <= len(name) <= 256:
-            raise bad("name", "1 to 256 characters")
-        description = raw.get("description", meter.description)
-        if "description" in raw and (not isinstance(description, str) or len(description) > 1024):
-            raise bad("description", "at most 1024 characters")
-        group_by = parse_group_by(raw["groupBy"]) if "groupBy" in raw else dict(meter.group_by)
-        metadata = parse_metadata(raw["metadata"]) if "metadata" in raw else meter.metadata
-        updated = UserMeter(
-            id=meter.id,
-            slug=meter.slug,
-            name=name,
-            event_type=meter.event_type,
-            aggregation=meter.aggregation,
-            value_property=meter.value_property,
-            group_by=group_by,
-            created_at=meter.created_at,
-            updated_at=self._clock(),
-            description=description,
-            event_from=meter.event_from,
-            metadata=metadata,
-        )
+        # What may change, validated as a new definition would be (the same rules and messages).
+        changes = {k: raw[k] for k in ("name", "description", "groupBy", "metadata") if k in raw}
+        parsed = parse_meter(meter.to_api() | changes, meter_id=meter.id, now=self._clock(), origin="api")
+        updated = dataclasses.replace(parsed, created_at=meter.created_at)
         async with store.tx() as tx:
             await tx.update_meter(updated)
         self._cached_at = 0.0

@@ -61,7 +61,7 @@ class Meter:
 
     def to_api(self, event_type: str) -> dict[str, Any]:
         """The meter as OpenMeter's v1 API shows it (``Meter`` in the spec)."""
-        created = _CREATED.isoformat().replace("+00:00", "Z")
+        created = _rfc3339(_CREATED)
         body: dict[str, Any] = {
             "id": self.id,
             "slug": self.slug,

@@ -280,7 +280,7 @@ class Sink:
             missing = int(exc.record.get("offset", -1) or -1)
             if self._applied.get(source, -1) >= missing >= 0:
                 return None  # a replay: already applied (by an earlier copy this sink could read)
-            self._hold(Hold(topic, partition, offset, source, missing, time.monotonic(), str(exc), blocked=True))
+            self._hold(Hold(topic, partition, offset, source, missing, time.monotonic(), str(exc)), report_now=True)
             return None
         except ValueError as exc:
             UNREADABLE.inc()
@@ -438,8 +438,9 @@ class Sink:
             return f"cannot be applied: {type(exc).__name__}: {exc}"[:500]
         return None
 
-    def _hold(self, hold: Hold) -> None:
-        """Hold ``hold.partition`` at ``hold.offset`` (an earlier hold of it stays)."""
+    def _hold(self, hold: Hold, report_now: bool = False) -> None:
+        """Hold ``hold.partition`` at ``hold.offset`` (an earlier hold of it stays); ``report_now``: blocked
+        at once (nothing will fill it), not after ``gap_wait_s``."""
         GAPS.inc()
         with self._state_lock:
             held = self._holds.get(hold.partition)
@@ -447,8 +448,7 @@ class Sink:
                 return
             self._holds[hold.partition] = hold
         log.warning("sink: %s", hold.describe())
-        if hold.blocked:
-            hold.blocked = False
+        if report_now:
             self._block(hold)
 
     def _block(self, hold: Hold) -> None:
@@ -497,29 +497,25 @@ class Sink:
         self._set_blocked()
 
     def _load_stored_keys(self) -> None:
-        started = time.monotonic()
-        now = datetime.now(UTC)
-        since = now - timedelta(days=self._settings.dedupe_horizon_days)
+        """Every key stored within the dedupe horizon, into a fresh Bloom filter (at start)."""
         self._stored = Bloom(self._settings.dedupe_capacity, 0.01)
         self._stored_count = 0
-        for key in self._store.stored_keys(since):
-            self._stored.add(key)
-            self._stored_count += 1
-        self._keys_loaded_at = now
-        log.info("sink: %d stored event keys loaded in %.1fs", self._stored_count, time.monotonic() - started)
+        self._add_stored_keys(datetime.now(UTC) - timedelta(days=self._settings.dedupe_horizon_days), "loaded")
 
     def _catch_up_stored_keys(self) -> None:
         """Add the keys stored since the last load (by other sinks, while these partitions were theirs)."""
         assert self._keys_loaded_at is not None
-        now = datetime.now(UTC)
         # The margin covers other sinks' clocks and their writes in flight when the keys were read.
-        added = 0
-        for key in self._store.stored_keys(self._keys_loaded_at - _KEYS_MARGIN):
+        self._add_stored_keys(self._keys_loaded_at - _KEYS_MARGIN, "caught up after a reassignment")
+
+    def _add_stored_keys(self, since: datetime, what: str) -> None:
+        started, now, added = time.monotonic(), datetime.now(UTC), 0
+        for key in self._store.stored_keys(since):
             self._stored.add(key)
             added += 1
         self._stored_count += added
         self._keys_loaded_at = now
-        log.info("sink: %d stored event keys caught up after a reassignment", added)
+        log.info("sink: %d stored event keys %s in %.1fs", added, what, time.monotonic() - started)
 
     def _lookup(self, keys: list[EventKey]) -> Mapping[EventKey, Coords]:
         found: dict[EventKey, Coords] = {}

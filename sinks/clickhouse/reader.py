@@ -69,22 +69,28 @@ def _ceil_minute(t: datetime) -> datetime:
     return floor if floor == t else floor + MINUTE
 
 
-def _filters(query: MeterQuery, params: dict[str, Any]) -> list[str]:
+#: The built-in meters' dimensions are columns of their own names.
+_BUILTIN_COLUMNS: Final = {d: d for d in GROUP_BY_KEYS}
+
+
+def _filters(query: MeterQuery, params: dict[str, Any], column_of: Mapping[str, str] = _BUILTIN_COLUMNS) -> list[str]:
+    """The clauses of a query's include and exclude filters; ``column_of`` names each dimension's column."""
     clauses = []
     for dimension, values in query.include.items():
-        if dimension not in GROUP_BY_KEYS:
+        if dimension not in column_of:
             raise ValueError(f"unknown dimension {dimension}")
+        column = column_of[dimension]
         if len(values) == 1:  # the common case (one subject), and a cheaper plan than IN
             params[f"in_{dimension}"] = values[0]
-            clauses.append(f"{dimension} = {{in_{dimension}:String}}")
+            clauses.append(f"{column} = {{in_{dimension}:String}}")
         else:
             params[f"in_{dimension}"] = list(values)
-            clauses.append(f"{dimension} IN {{in_{dimension}:Array(String)}}")
+            clauses.append(f"{column} IN {{in_{dimension}:Array(String)}}")
     for dimension, values in query.exclude.items():
-        if dimension not in GROUP_BY_KEYS:
+        if dimension not in column_of:
             raise ValueError(f"unknown dimension {dimension}")
         params[f"out_{dimension}"] = list(values)
-        clauses.append(f"{dimension} NOT IN {{out_{dimension}:Array(String)}}")
+        clauses.append(f"{column_of[dimension]} NOT IN {{out_{dimension}:Array(String)}}")
     return clauses
 
 
@@ -207,13 +213,7 @@ def _user_rows(query: MeterQuery, meter: UserMeter, params: dict[str, Any]) -> t
         columns.append("'' AS vs")
         columns.append("CAST(NULL, 'Nullable(Decimal(38, 18))') AS v")
     column_of = {"subject": "subject"} | {key: f"g{i}" for i, key in enumerate(keys)}
-    filters = []
-    for dimension, values in query.include.items():
-        params[f"in_{dimension}"] = list(values)
-        filters.append(f"{column_of[dimension]} IN {{in_{dimension}:Array(String)}}")
-    for dimension, values in query.exclude.items():
-        params[f"out_{dimension}"] = list(values)
-        filters.append(f"{column_of[dimension]} NOT IN {{out_{dimension}:Array(String)}}")
+    filters = _filters(query, params, column_of)
     rows = f"SELECT {', '.join(columns)} FROM usage_events FINAL WHERE {' AND '.join(where)}"
     if filters:
         rows = f"SELECT * FROM ({rows}) WHERE {' AND '.join(filters)}"
@@ -338,12 +338,6 @@ class MeterReader:
         for segment, value in self._query(sql, params).result_rows:
             totals[segment] = Decimal(value)
         return totals
-
-    def meter_subjects(
-        self, meter: Meter | UserMeter, start: datetime | None = None, end: datetime | None = None
-    ) -> list[str]:
-        """Every subject with events in this meter, in ``[start, end)`` (``/meters/{meter}/subjects``)."""
-        return self.group_values(meter, "subject", start, end)
 
     def group_values(
         self, meter: Meter | UserMeter, key: str, start: datetime | None = None, end: datetime | None = None
