@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration e2e lint typecheck format bench bench-smoke compose-check clean
+.PHONY: run test browser unit integration e2e lint typecheck format bench bench-smoke compose-check clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,21 @@ $(STAMP): pyproject.toml client/pyproject.toml
 run: $(STAMP)
 	$(BIN)/meterstream up
 
-## Lint, type-check and run every test (unit, integration, end-to-end)
-test: $(STAMP) lint typecheck
+## Lint, type-check and run every test (unit, integration, end-to-end, the usage pages in a browser)
+test: $(STAMP) browser lint typecheck
 	$(BIN)/pytest -n 3 --dist loadfile tests
+
+## Debian's chromium and chromedriver for the usage pages' browser tests (installed once, with apt)
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+			echo "installing chromium and chromium-driver (apt) for tests/e2e/test_ui.py"; \
+			$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else \
+			echo "no apt-get: install chromium and chromedriver yourself, or tests/e2e/test_ui.py is skipped" >&2; \
+		fi; \
+	fi
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import scenarios
+from bench import scenarios, ui
 from bench.common import ForeignLoad, Row, log, machine, table, write_results
 
 SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
@@ -29,9 +29,10 @@ SCENARIOS: dict[str, Callable[[scenarios.Sizes, Path], list[Row]]] = {
     "alerts": scenarios.alerts,
     "query": scenarios.query,
     "meters": scenarios.meters,
+    "ui": ui.ui,
     "soak": scenarios.soak,
 }
-DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "alerts", "query", "meters")
+DEFAULT = ("ingest", "processing", "freshness", "limits", "access", "reservations", "alerts", "query", "meters", "ui")
 
 
 def _parser() -> argparse.ArgumentParser:

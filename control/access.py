@@ -141,9 +141,9 @@ _RESERVING: Final = frozenset({"/api/v1/subjects/{subject}/reservations", "/api/
 
 def need(method: str, path: str) -> Need:
     """The access ``method path`` (a route's path template) needs."""
-    if path in _PUBLIC:
-        return Need.PUBLIC
-    if path.startswith("/api/v1/portal/meters/"):
+    if path in _PUBLIC or path == "/ui" or path.startswith("/ui/"):
+        return Need.PUBLIC  # the pages carry no data: they call the API with the visitor's credential
+    if path.startswith("/api/v1/portal/meters/") or path == "/api/v1/portal/me":
         return Need.PORTAL
     if path.startswith(("/api/v1/admin/", "/api/v1/keys", "/api/v1/portal/tokens", "/api/v1/notification/channels")):
         return Need.ADMIN  # notification channels too: their signing secrets and headers are credentials

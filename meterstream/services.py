@@ -80,6 +80,7 @@ from sinks.clickhouse.reader import MeterReader
 from sinks.clickhouse.schema import migrate
 from sinks.clickhouse.store import WindowStore
 from sinks.consumer import Sink
+from ui.routes import ui_routes
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +404,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
         *meter_routes(meters),
         *control.routes,
+        *ui_routes(access.authenticator is not None),
     ]
     return build_app(routes, {"storage": reader.check, "sink": _sink_check(sink, thread)}, lifespan, access)
 
@@ -433,6 +435,7 @@ def query_app(settings: QuerySettings) -> Starlette:
         *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
         *meter_routes(meters),
         *control.routes,
+        *ui_routes(access.authenticator is not None),
     ]
 
     @asynccontextmanager
@@ -546,6 +549,7 @@ def local_app(local: LocalSettings) -> Starlette:
         ),
         *meter_routes(meters),
         *control.routes,
+        *ui_routes(access.authenticator is not None),
     ]
     readiness: Checks = {"broker": producer.ping, "storage": reader.check, "sink": _sink_check(sink, sink_thread)}
     return build_app(routes, readiness, lifespan, access)

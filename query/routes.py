@@ -34,6 +34,8 @@ DEFAULT_EVENTS_LOOKBACK = timedelta(days=32)
 class Reader(Protocol):
     def query_meter(self, query: MeterQuery) -> list[QueryRow]: ...
 
+    def query_meters(self, query: MeterQuery, meters: list[Meter]) -> list[list[QueryRow]]: ...
+
     def list_events(self, f: EventFilter) -> list[dict[str, Any]]: ...
 
     def reconcile(self, start: datetime, end: datetime) -> list[Difference]: ...
@@ -141,6 +143,42 @@ def query_routes(
                 headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"},
             )
         return Response(to_json(query, rows), media_type="application/json")
+
+    async def query_built_in(request: Request) -> Response:
+        """Meterstream's addition: several built-in meters over the same range and groups in one scan of
+        the windows (a dashboard's dozen queries cost one); each answer is exactly its own meter query's."""
+        try:
+            items = request.query_params.multi_items()
+            raw = from_query_string([(k, v) for k, v in items if k != "meter"])
+            names = list(dict.fromkeys(v for k, v in items if k == "meter"))
+            if not names:
+                raise bad("meter", "name one built-in meter or more: meter=requests&meter=cost_usd")
+            chosen = []
+            for name in names:
+                meter = find_meter(name)
+                if meter is None:
+                    known = await meters.find(name)
+                    detail = "is user-defined: query it on its own" if known is not None else "is not a meter"
+                    raise bad("meter", f"{name} {detail} (built-in: {', '.join(m.slug for m in METERS)})")
+                chosen.append(meter)
+            query = build_query(chosen[0], raw)
+        except Problem as problem:
+            return problem_response(problem)
+        answers = await asyncio.to_thread(reader.query_meters, query, chosen)
+        results = {
+            meter.slug: orjson.Fragment(to_json(dataclasses.replace(query, meter=meter), rows))
+            for meter, rows in zip(chosen, answers, strict=True)
+        }
+        return Response(orjson.dumps({"results": results}), media_type="application/json")
+
+    async def portal_me(request: Request) -> Response:
+        """Meterstream's addition: whom a portal token speaks for (its subject, and the meters it may read;
+        null: all), so that a page given only the token can ask for that subject's entitlements."""
+        subject = getattr(request.state, "portal_subject", None)
+        if subject is None:
+            return problem_response(Problem(403, "this endpoint takes a portal token (POST /api/v1/portal/tokens)"))
+        allowed = getattr(request.state, "portal_meters", None)
+        return _json({"subject": subject, "allowedMeterSlugs": sorted(allowed) if allowed is not None else None})
 
     async def portal_query(request: Request) -> Response:
         """OpenMeter's portal query: a portal token's own subject's usage, whatever the parameters say (any
@@ -280,9 +318,11 @@ def query_routes(
         Route("/api/v1/meters", _answering(list_meters), methods=["GET"]),
         Route("/api/v1/meters/{meter}", _answering(get_meter), methods=["GET"]),
         Route("/api/v1/meters/{meter}/query", _answering(query_meter), methods=["GET", "POST"]),
+        Route("/api/v1/query", _answering(query_built_in), methods=["GET"]),
         Route("/api/v1/meters/{meter}/subjects", _answering(group_values), methods=["GET"]),
         Route("/api/v1/meters/{meter}/group-by/{key}/values", _answering(group_values), methods=["GET"]),
         Route("/api/v1/portal/meters/{meter}/query", _answering(portal_query), methods=["GET"]),
+        Route("/api/v1/portal/me", portal_me, methods=["GET"]),
         Route("/api/v1/events", list_events, methods=["GET"]),
         Route("/api/v1/prices", get_price, methods=["GET"]),
         Route("/api/v1/admin/reconcile", reconcile, methods=["GET"]),

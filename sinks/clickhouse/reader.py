@@ -94,12 +94,11 @@ def _filters(query: MeterQuery, params: dict[str, Any], column_of: Mapping[str, 
     return clauses
 
 
-def _usage_union(query: MeterQuery, params: dict[str, Any]) -> str:
-    """The minute rows (``ts, subject, provider, model, v``) of a query's range: whole minutes from the
-    windows, partial minutes at the edges from the audit log."""
-    meter = query.meter
-    assert isinstance(meter, Meter), "user meters are read from the audit log (user_meter_sql)"
-    column = meter.column
+def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Meter]) -> str:
+    """The minute rows (``ts, subject, provider, model, v0, v1...``: one value per meter of ``meters``) of a
+    query's range: whole minutes from the windows, partial minutes at the edges from the audit log."""
+    values = ", ".join(f"{m.column} AS v{i}" for i, m in enumerate(meters))
+    event_values = ", ".join(f"{_EVENT_VALUE[m.column]} AS v{i}" for i, m in enumerate(meters))
     filters = _filters(query, params)
     start, end = _bounded(query.start), _bounded(query.end)
     whole_from = _ceil_minute(start) if start else None
@@ -117,7 +116,7 @@ def _usage_union(query: MeterQuery, params: dict[str, Any]) -> str:
             params["whole_to"] = whole_to
             where.append("window_start < {whole_to:DateTime('UTC')}")
         parts.append(
-            f"SELECT window_start AS ts, subject, provider, model, {column} AS v "
+            f"SELECT window_start AS ts, subject, provider, model, {values} "
             f"FROM usage_windows WHERE {' AND '.join(where)}"
         )
         if start is not None and whole_from is not None and start < whole_from:
@@ -134,23 +133,30 @@ def _usage_union(query: MeterQuery, params: dict[str, Any]) -> str:
             where.append(f"time < {{edge{i}_to:DateTime64(6, 'UTC')}}")
         parts.append(
             "SELECT toDateTime(toStartOfMinute(time), 'UTC') AS ts, subject, provider, model, "
-            f"{_EVENT_VALUE[column]} AS v FROM usage_events FINAL WHERE {' AND '.join(where)}"
+            f"{event_values} FROM usage_events FINAL WHERE {' AND '.join(where)}"
         )
     return " UNION ALL ".join(parts)
 
 
-def meter_query_sql(query: MeterQuery) -> Sql:
-    """SQL and parameters answering a meter query."""
+def meter_query_sql(query: MeterQuery, meters: Sequence[Meter] = ()) -> Sql:
+    """SQL and parameters answering a query of a built-in meter; with ``meters``, of each of them at once
+    (one scan; column *i* after the groups is meter *i*'s value, the same as its own query's)."""
+    if not meters:
+        assert isinstance(query.meter, Meter), "user meters are read from the audit log (user_meter_sql)"
+        meters = (query.meter,)
     params: dict[str, Any] = {"tz": query.time_zone}
-    union = _usage_union(query, params)
+    union = _usage_union(query, params, meters)
     dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
-    return _aggregated(query, union, dims, "sum(v)"), params
+    return _aggregated(query, union, dims, [f"sum(v{i})" for i in range(len(meters))]), params
 
 
-def _aggregated(query: MeterQuery, rows: str, dims: Sequence[str], aggregate: str, having: str = "") -> str:
-    """The answer's SQL: ``aggregate`` over ``rows`` (``ts`` a minute start, the ``dims`` columns, the value)
-    per window of the query and group; ``having`` drops groups (`` HAVING ...``)."""
+def _aggregated(query: MeterQuery, rows: str, dims: Sequence[str], aggregates: Sequence[str], having: str = "") -> str:
+    """The answer's SQL: each of ``aggregates`` (``value0``, ``value1``...) over ``rows`` (``ts`` a minute
+    start, the ``dims`` columns, the values) per window of the query and group; ``having`` drops groups
+    (`` HAVING ...``)."""
     dim_list = "".join(f", {d}" for d in dims)
+    values = ", ".join(f"{a} AS value{i}" for i, a in enumerate(aggregates))
+    names = ", ".join(f"value{i}" for i in range(len(aggregates)))
     if query.window_size is None:
         # The window is the query's range; only an open end needs the first or last minute with usage
         # (finding them costs a third of a large grouped query). The reader puts the range back in.
@@ -161,13 +167,13 @@ def _aggregated(query: MeterQuery, rows: str, dims: Sequence[str], aggregate: st
         )
         # GROUP BY tuple(): no matching events gives no row (not one row of zero).
         return (
-            f"SELECT {span}{dim_list}, {aggregate} AS value FROM ({rows}) "
+            f"SELECT {span}{dim_list}, {values} FROM ({rows}) "
             f"GROUP BY {', '.join(dims) or 'tuple()'}{having} ORDER BY {', '.join(dims) or 'window_start'}"
         )
     bucket, bucket_end = _BUCKETS[query.window_size]
     return (
-        f"SELECT window_start, {bucket_end} AS window_end{dim_list}, value FROM ("
-        f"SELECT {bucket} AS window_start{dim_list}, {aggregate} AS value FROM ({rows}) "
+        f"SELECT window_start, {bucket_end} AS window_end{dim_list}, {names} FROM ("
+        f"SELECT {bucket} AS window_start{dim_list}, {values} FROM ({rows}) "
         f"GROUP BY window_start{dim_list}{having}) ORDER BY window_start{dim_list}"
     )
 
@@ -226,7 +232,7 @@ def user_meter_sql(query: MeterQuery) -> Sql:
     assert isinstance(meter, UserMeter)
     params: dict[str, Any] = {"tz": query.time_zone}
     rows, dims = _user_rows(query, meter, params)
-    return _aggregated(query, rows, dims, _USER_AGGREGATES[meter.aggregation], " HAVING value IS NOT NULL"), params
+    return _aggregated(query, rows, dims, [_USER_AGGREGATES[meter.aggregation]], " HAVING value0 IS NOT NULL"), params
 
 
 def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql:
@@ -235,10 +241,11 @@ def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql
     without usage have no row. The rows are the query API's own, so the totals add up to its answer."""
     if any(b.second or b.microsecond for b in boundaries):
         raise ValueError("segment boundaries must be whole minutes")
+    assert isinstance(query.meter, Meter)
     params: dict[str, Any] = {"tz": query.time_zone, "bounds": list(boundaries)}
-    union = _usage_union(query, params)
+    union = _usage_union(query, params, (query.meter,))
     sql = (
-        "SELECT arrayCount(b -> b <= ts, {bounds:Array(DateTime('UTC'))}) AS segment, sum(v) AS value "
+        "SELECT arrayCount(b -> b <= ts, {bounds:Array(DateTime('UTC'))}) AS segment, sum(v0) AS value "
         f"FROM ({union}) GROUP BY segment ORDER BY segment"
     )
     return sql, params
@@ -313,23 +320,29 @@ class MeterReader:
 
     def query_meter(self, query: MeterQuery) -> list[QueryRow]:
         sql, params = user_meter_sql(query) if isinstance(query.meter, UserMeter) else meter_query_sql(query)
-        result = self._query(sql, params)
+        return self._rows(query, self._query(sql, params).result_rows, 1)[0]
+
+    def query_meters(self, query: MeterQuery, meters: Sequence[Meter]) -> list[list[QueryRow]]:
+        """``query`` for each built-in meter of ``meters`` in one scan: answer *i* is meter *i*'s, row for
+        row what ``query_meter`` answers for it (the same rows grouped the same way, another column summed)."""
+        sql, params = meter_query_sql(query, meters)
+        return self._rows(query, self._query(sql, params).result_rows, len(meters))
+
+    @staticmethod
+    def _rows(query: MeterQuery, result: Sequence[Sequence[Any]], count: int) -> list[list[QueryRow]]:
         dims = [d for d in query.meter.group_keys if d in query.group_by]
         # Unwindowed: the window is the query's range where it has bounds (converted once, not per row).
         range_start = _utc(query.start) if query.window_size is None and query.start else None
         range_end = _utc(query.end) if query.window_size is None and query.end else None
-        rows = []
-        for row in result.result_rows:
-            window_start, window_end, *groups, value = row
-            rows.append(
-                QueryRow(
-                    range_start or _utc(window_start),
-                    range_end or _utc(window_end),
-                    dict(zip(dims, groups, strict=True)),
-                    Decimal(value),
-                )
-            )
-        return rows
+        answers: list[list[QueryRow]] = [[] for _ in range(count)]
+        for row in result:
+            window_start, window_end, *rest = row
+            groups, values = rest[: len(dims)], rest[len(dims) :]
+            start, end = range_start or _utc(window_start), range_end or _utc(window_end)
+            group = dict(zip(dims, groups, strict=True))
+            for answer, value in zip(answers, values, strict=True):
+                answer.append(QueryRow(start, end, group, Decimal(value)))
+        return answers
 
     def segment_totals(self, query: MeterQuery, boundaries: Sequence[datetime]) -> list[Decimal]:
         """The query's total in each segment between ``boundaries`` (see :func:`segment_totals_sql`)."""

@@ -44,6 +44,8 @@ NEEDS: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/admin/gaps"): ADMIN,
     ("POST", "/api/v1/admin/gaps"): ADMIN,
     ("GET", "/api/v1/portal/meters/{}/query"): PORTAL,
+    ("GET", "/api/v1/portal/me"): PORTAL,
+    ("GET", "/api/v1/query"): READ,
     ("GET", "/api/v1/portal/tokens"): ADMIN,
     ("POST", "/api/v1/portal/tokens"): ADMIN,
     ("POST", "/api/v1/portal/tokens/invalidate"): ADMIN,
@@ -247,6 +249,8 @@ def test_a_portal_token_sees_only_its_own_subject(stack: LocalStack, creds: dict
         )
         assert csv.status_code == 200
         assert "bob" not in csv.text
+    me = httpx.get(f"{stack.url}/api/v1/portal/me", headers=portal, timeout=30)
+    assert me.json() == {"subject": "alice", "allowedMeterSlugs": None}
     post = httpx.post(f"{stack.url}/api/v1/portal/meters/tokens_total/query", json={"subject": ["bob"]}, headers=portal)
     assert post.status_code == 405  # the portal query is GET only
     for path in ("/api/v1/subjects/bob/entitlements", "/api/v1/subjects/bob/entitlements/tokens/value",
@@ -261,6 +265,8 @@ def test_a_portal_token_sees_only_its_own_subject(stack: LocalStack, creds: dict
     )
     limited = {"Authorization": f"Bearer {r.json()['token']}"}
     assert httpx.get(f"{stack.url}/api/v1/portal/meters/requests/query", headers=limited, timeout=30).status_code == 200
+    me = httpx.get(f"{stack.url}/api/v1/portal/me", headers=limited, timeout=30)
+    assert me.json() == {"subject": "alice", "allowedMeterSlugs": ["requests"]}
     assert (
         httpx.get(f"{stack.url}/api/v1/portal/meters/tokens_total/query", headers=limited, timeout=30).status_code
         == 403

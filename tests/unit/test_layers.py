@@ -1,5 +1,5 @@
-"""The layering rules, read from the source: schemas/ at the bottom; ingest, processors, sinks, query and
-control import schemas (and themselves) only; one folder per external system imports its driver."""
+"""The layering rules, read from the source: schemas/ at the bottom; ingest, processors, sinks, query,
+control and ui import schemas (and themselves) only; one folder per external system imports its driver."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-OURS = ("schemas", "ingest", "processors", "sinks", "query", "control", "meterstream")
+OURS = ("schemas", "ingest", "processors", "sinks", "query", "control", "ui", "meterstream")
 #: driver -> the only folder whose code may import it.
 DRIVERS = {
     "psycopg": "control/postgres",
@@ -37,7 +37,7 @@ def sources(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
-@pytest.mark.parametrize("package", ["schemas", "ingest", "processors", "sinks", "query", "control"])
+@pytest.mark.parametrize("package", ["schemas", "ingest", "processors", "sinks", "query", "control", "ui"])
 def test_packages_import_schemas_and_themselves_only(package: str) -> None:
     allowed = {"schemas", package}
     for path in sources(package):
