@@ -79,12 +79,13 @@ def new_id() -> str:
     return str(ULID())
 
 
-def _is_ulid(text: str) -> bool:
+def is_ulid(text: str) -> bool:
+    """A ULID in Crockford's base32, either case (26 characters, 128 bits: python-ulid's own check)."""
     try:
         ULID.from_str(text)
     except ValueError:
         return False
-    return len(text) == 26
+    return True
 
 
 def add_expiration(start: datetime, duration: str, count: int) -> datetime:
@@ -173,7 +174,7 @@ class ControlService:
     # -- features --------------------------------------------------------------------------------------
 
     async def create_feature(self, inp: FeatureIn) -> Feature:
-        if _is_ulid(inp.key):
+        if is_ulid(inp.key):
             raise bad("key", "a feature key cannot be a valid ULID (ids and keys must not be confused)")
         if inp.unitCost is not None:
             raise bad("unitCost", "not supported: Meterstream prices LLM usage itself (see the cost_usd meter)")
@@ -207,7 +208,7 @@ class ControlService:
 
     async def get_feature(self, id_or_key: str) -> Feature:
         async with self.store.tx() as tx:
-            feature = await tx.feature(id_or_key, include_archived=_is_ulid(id_or_key))
+            feature = await tx.feature(id_or_key, include_archived=is_ulid(id_or_key))
         if feature is None:
             raise not_found(f"feature {id_or_key}")
         return feature

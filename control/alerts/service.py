@@ -46,7 +46,7 @@ from control.alerts.store import EventFilter
 from control.inputs import ChannelIn, ResendIn, ResetRuleIn, ThresholdRuleIn
 from control.listing import Listing
 from control.model import Entitlement, EntitlementType
-from control.service import ControlService, new_id, not_found
+from control.service import ControlService, is_ulid, new_id, not_found
 from control.store import ControlTx, StoreUnavailable
 from control.webhooks.sender import RESERVED_HEADERS
 from control.webhooks.urls import UrlPolicy, UrlRefused, check_saved
@@ -72,14 +72,8 @@ def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def _is_ulid(text: str) -> bool:
-    return text.isascii() and (
-        len(text) == 26 and text[0] in "01234567" and all(c in "0123456789ABCDEFGHJKMNPQRSTVWXYZ" for c in text.upper())
-    )
-
-
 def _ulid_param(name: str, value: str) -> str:
-    if not _is_ulid(value):
+    if not is_ulid(value):
         raise bad(name, f"{value!r} is not a ULID")
     return value.upper()
 
@@ -192,7 +186,7 @@ class AlertService:
     async def _rule_refs(self, tx: ControlTx, inp: ThresholdRuleIn | ResetRuleIn) -> tuple[list[str], list[str]]:
         channel_ids = []
         for ref in inp.channels:
-            c = await tx.channel(ref.upper()) if _is_ulid(ref) else None
+            c = await tx.channel(ref.upper()) if is_ulid(ref) else None
             if c is None or c.deleted_at is not None:
                 raise bad("channels", f"notification channel {ref} does not exist")
             if c.id not in channel_ids:
@@ -323,7 +317,7 @@ class AlertService:
             wanted = [c.upper() for c in inp.channels] if inp.channels else sorted(on_rule)
             chosen = []
             for ref in wanted:
-                c = await tx.channel(ref) if _is_ulid(ref) else None
+                c = await tx.channel(ref) if is_ulid(ref) else None
                 if c is None or c.deleted_at is not None:
                     raise bad("channels", f"notification channel {ref} does not exist")
                 if c.id not in on_rule and not any(d.channel_id == c.id for d in e.deliveries):

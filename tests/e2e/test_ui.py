@@ -28,6 +28,7 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -517,6 +518,39 @@ def test_phone_width_empty_state_and_live_refresh(
     while requests_shown() != before + 1:
         assert time.monotonic() < deadline, "the overview never showed the new event"
         time.sleep(0.2)
+
+
+def test_the_overview_works_by_keyboard(stack: LocalStack, seeded: dict[str, str], browser: WebDriver) -> None:
+    """Tab reaches the skip link first, then every control, the CSV buttons and the subjects' links; a preset
+    is chosen with the keyboard alone."""
+    browser.get(overview_url(stack))
+    wait_state(browser)
+    browser.execute_script("document.activeElement.blur()")
+    reached = []
+    for _ in range(80):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        reached.append(
+            browser.execute_script(
+                "const e = document.activeElement; return `${e.tagName}:${e.id || e.textContent.trim().slice(0, 20)}`"
+            )
+        )
+    assert reached[0] == "A:Skip to content"
+    for wanted in ("INPUT:find-subject-input", "INPUT:from", "INPUT:to", "SELECT:window", "INPUT:tz",
+                   "BUTTON:Last 7 days", "BUTTON:Download CSV", "A:alice"):  # fmt: skip
+        assert wanted in reached, f"{wanted} is not reachable by Tab: {reached}"
+    browser.get(overview_url(stack))  # Tab starts from the top again
+    wait_state(browser)
+    for _ in range(reached.index("BUTTON:Last 7 days") + 1):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    deadline = time.monotonic() + 10
+    while "from=" + FROM in browser.current_url:
+        assert time.monotonic() < deadline, browser.current_url
+        time.sleep(0.1)
+    wait_state(browser)
+    today = dt.datetime.now(ZoneInfo(ZONE)).date()
+    assert f"from={today - dt.timedelta(days=6)}" in browser.current_url
+    assert f"to={today}" in browser.current_url
 
 
 def test_a_key_is_required_and_a_wrong_one_is_refused(stack: LocalStack, browser: WebDriver) -> None:
