@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import shlex
 import shutil
 import time
 import uuid
@@ -55,7 +56,9 @@ METERS = (
     "cost_usd",
     "unpriced_requests",
 )
-SUBJECTS = ("alice", "bob", *(f"user-{i:02d}" for i in range(22)))
+#: Names a page must show as text, never run: markup, a spreadsheet formula, a quote.
+NASTY = ('<img src=x onerror="window.__xss=1">', '=HYPERLINK("http://evil.example")', "o'brien")
+SUBJECTS = ("alice", "bob", *(f"user-{i:02d}" for i in range(22)), *NASTY)
 MODELS = (("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("acme", "no-price-1"))
 
 
@@ -278,6 +281,23 @@ def sign_in(driver: WebDriver, key: str) -> None:
     box.send_keys(key + Keys.ENTER)
 
 
+def shown_number(value: str, money: bool) -> str:
+    """How a page writes an exact number: the integer part grouped by thousands, every fraction digit kept."""
+    whole, _, fraction = value.lstrip("-").partition(".")
+    text = f"{int(whole):,}" + (f".{fraction}" if fraction else "")
+    return ("-" if value.startswith("-") else "") + ("$" if money else "") + text
+
+
+def texts(driver: WebDriver, table_id: str) -> list[dict[str, str]]:
+    """Each row of a table as column key -> the text a person reads in the cell."""
+    rows: list[dict[str, str]] = driver.execute_script(
+        """return [...document.querySelectorAll(`#${arguments[0]} tbody tr`)].map(tr =>
+             Object.fromEntries([...tr.querySelectorAll('td')].map(td => [td.dataset.key, td.textContent])));""",
+        table_id,
+    )
+    return rows
+
+
 def table(driver: WebDriver, table_id: str) -> list[dict[str, str]]:
     """Each row of a table as column key -> the raw value the page holds for the cell (data-value)."""
     rows: list[dict[str, str]] = driver.execute_script(
@@ -345,9 +365,10 @@ def test_the_overview_shows_the_query_apis_answers(
     assert {w[-6:] for w in api} == {"-04:00", "-05:00"}, "windows start at local midnight on both sides of DST"
     rows = table(browser, "windows")
     assert [r["windowStart"] for r in rows] == sorted(api, key=dt.datetime.fromisoformat)
-    for row in rows:
+    for row, read in zip(rows, texts(browser, "windows"), strict=True):
         for meter in METERS:
             assert row[meter] == api[row["windowStart"]].get(meter, "0"), "exactly as the API wrote it"
+            assert read[meter] == shown_number(row[meter], meter == "cost_usd"), "and shown with every digit"
     cards = browser.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('[data-total]')].map(c => "
         "[c.dataset.total, c.dataset.value]))"
@@ -392,7 +413,12 @@ def test_the_overview_shows_the_query_apis_answers(
         assert time.monotonic() < deadline, "no CSV was downloaded"
         time.sleep(0.1)
     downloaded = list(csv.DictReader(io.StringIO(target.read_text())))
-    assert {r["subject"]: Decimal(r["cost_usd"]) for r in downloaded} == costs
+    # A name a spreadsheet would run as a formula is written with a leading ' (and only such a name).
+    unformula = {("'" + n if n.startswith("=") else n): n for n in costs}
+    assert {unformula[r["subject"]]: Decimal(r["cost_usd"]) for r in downloaded} == costs
+    assert "'" + NASTY[1] in {r["subject"] for r in downloaded}
+    assert browser.execute_script("return window.__xss") is None
+    assert browser.find_elements(By.CSS_SELECTOR, "td img") == [], "markup in a name is shown as text"
 
 
 def test_a_subjects_page_shows_its_usage_entitlements_alerts_and_events(
@@ -578,7 +604,7 @@ def test_one_scan_answers_each_meter_query_exactly(
     cases: list[dict[str, Any]] = [
         {"windowSize": "DAY", "windowTimeZone": ZONE, **RANGE},
         {"windowSize": "HOUR", "windowTimeZone": ZONE, "from": "2026-11-01T03:17:29.5Z", "to": "2026-11-01T09:02:10Z"},
-        {"windowSize": "MINUTE", "from": "2026-10-30T12:00:00Z", "to": "2026-10-30T13:00:00Z", "groupBy": ["model"]},
+        {"windowSize": "MINUTE", "from": "2026-10-30T06:00:00Z", "to": "2026-10-30T18:00:00Z", "groupBy": ["model"]},
         {"groupBy": ["provider", "model"], **RANGE},
         {"groupBy": ["subject"], "from": "2026-10-24T11:11:11.111Z"},
         {"subject": ["alice", "bob"], "windowSize": "MONTH", "windowTimeZone": ZONE},
@@ -588,11 +614,12 @@ def test_one_scan_answers_each_meter_query_exactly(
     (one,) = admin.get("/api/v1/events", params={"subject": "alice", "limit": 1, **RANGE}).json()
     at = dt.datetime.fromisoformat(one["event"]["time"])
     cases.append({"from": iso(at - dt.timedelta(seconds=0.5)), "to": iso(at + dt.timedelta(seconds=0.5))})
-    for params in cases:
-        r = admin.get("/api/v1/query", params={**params, "meter": list(METERS)})
+    for i, params in enumerate(cases):
+        order = list(METERS) if i % 2 else list(reversed(METERS))  # each answer under its own name, any order
+        r = admin.get("/api/v1/query", params={**params, "meter": order})
         assert r.status_code == 200, r.text
         results = r.json(parse_float=Decimal, parse_int=Decimal)["results"]
-        assert list(results) == list(METERS)
+        assert list(results) == order
         for meter in METERS:
             single = admin.get(f"/api/v1/meters/{meter}/query", params=params)
             assert results[meter] == single.json(parse_float=Decimal, parse_int=Decimal), (params, meter)
@@ -610,3 +637,52 @@ def test_one_scan_answers_each_meter_query_exactly(
         assert r.status_code == 400, r.text
         assert r.headers["content-type"] == "application/problem+json"
         assert words in r.text
+
+
+def test_an_empty_subjects_curl_is_quoted_for_the_shell(
+    stack: LocalStack, seeded: dict[str, str], browser: WebDriver
+) -> None:
+    """The empty state's curl for a subject named with quotes and a command substitution sends that name,
+    and runs nothing."""
+    name = "x'$(touch /tmp/meterstream-pwned)'\"y"
+    browser.get(f"{stack.url}/ui/subject?" + urlencode({"subject": name, "from": "2020-01-01", "to": "2020-01-02"}))
+    if browser.find_element(By.ID, "sign-in").is_displayed():  # a test before this one signed out
+        sign_in(browser, seeded["read"])
+    wait_state(browser)
+    command = browser.find_element(By.ID, "first-event").text.replace("\\\n", " ")
+    words = shlex.split(command)
+    payload = json.loads(words[words.index("-d") + 1])
+    assert payload["subject"] == name
+    assert browser.find_element(By.ID, "subject-name").text == name
+
+
+ZONE_DAYS = [
+    ("Africa/Cairo", dt.date(2026, 4, 24)),  # skips midnight: the day starts at 01:00
+    ("Asia/Beirut", dt.date(2026, 3, 29)),
+    ("America/New_York", dt.date(2026, 11, 1)),
+    ("America/New_York", dt.date(2026, 3, 8)),
+    ("Europe/Budapest", dt.date(2026, 10, 25)),
+    ("Asia/Kolkata", dt.date(2026, 12, 2)),
+    ("Australia/Lord_Howe", dt.date(2026, 4, 5)),  # a half-hour DST change
+    ("America/Santiago", dt.date(2026, 9, 6)),
+    ("Pacific/Kiritimati", dt.date(2026, 1, 1)),  # UTC+14
+    ("Etc/GMT+12", dt.date(2026, 1, 1)),
+]
+
+
+def test_the_pages_find_local_midnight_in_every_zone(stack: LocalStack, browser: WebDriver) -> None:
+    """The instant a local day begins, computed in the browser (what a page turns its range into), equals
+    the one computed here with zoneinfo, on DST days of zones west and east of UTC."""
+    browser.get(f"{stack.url}/ui/widget")  # any page of the origin: the module is imported from it
+    got = browser.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+           import('/ui/static/common.js').then(m => done(arguments[0].map(([z, y, mo, d]) =>
+             m.zonedMidnight(y, mo, d, z).toISOString())));""",
+        [[z, d.year, d.month, d.day] for z, d in ZONE_DAYS],
+    )
+    for (zone, day), shown in zip(ZONE_DAYS, got, strict=True):
+        tz = ZoneInfo(zone)
+        t = dt.datetime.combine(day, dt.time(), dt.UTC) - dt.timedelta(hours=15)
+        while t.astimezone(tz).date() < day:  # the first minute whose local date is the day
+            t += dt.timedelta(minutes=1)
+        assert dt.datetime.fromisoformat(shown) == t, (zone, day)

@@ -110,9 +110,16 @@ export function operatorApi() {
 // -- exact decimals ----------------------------------------------------------------------------------
 
 function scaled(text) {
-  const negative = text.startsWith("-");
-  const [whole, fraction = ""] = (negative ? text.slice(1) : text).split(".");
-  return { value: BigInt(whole + fraction) * (negative ? -1n : 1n), scale: fraction.length };
+  const [mantissa, exponent = "0"] = text.toLowerCase().split("e"); // 7.5e-8 as well as 0.000000075
+  const negative = mantissa.startsWith("-");
+  const [whole, fraction = ""] = (negative ? mantissa.slice(1) : mantissa).split(".");
+  let value = BigInt(whole + fraction) * (negative ? -1n : 1n);
+  let scale = fraction.length - Number(exponent);
+  if (scale < 0) {
+    value *= 10n ** BigInt(-scale);
+    scale = 0;
+  }
+  return { value, scale };
 }
 
 // a + b for decimal strings, exactly ("0.1" + "0.2" = "0.3").
@@ -182,6 +189,13 @@ function formatter(locale, options) {
   return FORMATTERS.get(key);
 }
 
+// The zone's name as the IANA database spells it ("europe/berlin" is "Europe/Berlin"; the server's
+// time zone database is case-sensitive), keeping the given name where the browser knows it by an alias.
+export function canonicalZone(zone) {
+  const resolved = new Intl.DateTimeFormat("en", { timeZone: zone }).resolvedOptions().timeZone;
+  return resolved.toLowerCase() === zone.toLowerCase() ? resolved : zone;
+}
+
 function zoneParts(ms, zone) {
   const parts = formatter("en-US", {
     timeZone: zone,
@@ -197,16 +211,25 @@ function zoneParts(ms, zone) {
   return { y: get("year"), m: get("month"), d: get("day"), h: get("hour"), min: get("minute"), s: get("second") };
 }
 
-// The instant when the local date y-m-d begins in ``zone`` (handles DST: offsets are read at the instant).
+function localDate(ms, zone) {
+  const p = zoneParts(ms, zone);
+  return isoDate(p.y, p.m, p.d);
+}
+
+// The instant the local date y-m-d begins in ``zone``: the earliest instant whose local date is that day
+// (midnight, or the end of a DST gap where a zone skips midnight, as in Africa/Cairo). Found by halving:
+// UTC offsets lie within -12 h and +14 h, so it is within 15 h before and 13 h after that date's UTC midnight.
 export function zonedMidnight(y, m, d, zone) {
-  const wanted = Date.UTC(y, m - 1, d);
-  let guess = wanted;
-  for (let i = 0; i < 3; i += 1) {
-    const p = zoneParts(guess, zone);
-    const shown = Date.UTC(p.y, p.m - 1, p.d, p.h, p.min, p.s);
-    guess += wanted - shown;
+  const target = isoDate(y, m, d);
+  // In whole seconds (every zone changes its clocks on a whole second): the day before at lo, the day at hi.
+  let lo = Date.UTC(y, m - 1, d) / 1000 - 15 * 3600;
+  let hi = Date.UTC(y, m - 1, d) / 1000 + 13 * 3600;
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2);
+    if (localDate(mid * 1000, zone) >= target) hi = mid;
+    else lo = mid;
   }
-  return new Date(guess);
+  return new Date(hi * 1000);
 }
 
 // Today's local date in ``zone`` as "YYYY-MM-DD".
@@ -244,7 +267,10 @@ export function rfc3339(date) {
 export function fmtWindow(iso, zone, windowSize) {
   const options = { timeZone: zone, year: "numeric", month: "short" };
   if (windowSize !== "MONTH") options.day = "numeric";
-  if (windowSize === "HOUR" || windowSize === "MINUTE") Object.assign(options, { hour: "2-digit", minute: "2-digit" });
+  if (windowSize === "HOUR" || windowSize === "MINUTE") {
+    // With the offset: the hour a DST change repeats reads "01:00 EDT", then "01:00 EST".
+    Object.assign(options, { hour: "2-digit", minute: "2-digit", timeZoneName: "short" });
+  }
   return formatter("en-GB", options).format(new Date(iso));
 }
 
@@ -255,7 +281,7 @@ export function fmtTime(iso, zone) {
 // The page's range from its URL (or defaults): local dates in a zone, turned into the API's instants.
 export function readRange(defaults) {
   const params = new URLSearchParams(location.search);
-  const zone = validZone(params.get("tz")) ? params.get("tz") : browserZone();
+  const zone = validZone(params.get("tz")) ? canonicalZone(params.get("tz")) : browserZone();
   const windowSize = ["HOUR", "DAY", "MONTH"].includes(params.get("window")) ? params.get("window") : defaults.window;
   const today = todayIn(zone);
   let to = parseDate(params.get("to")) ? params.get("to") : today;
@@ -341,14 +367,17 @@ export function el(tag, attributes = {}, ...children) {
   return node;
 }
 
-function csvCell(value) {
-  const s = value === null || value === undefined ? "" : String(value);
+// A text cell a spreadsheet would run as a formula (=, +, -, @, tab, return first) gets a leading ' (OWASP's
+// advice); numbers are written as they are, negative ones included.
+function csvCell(value, numeric) {
+  let s = value === null || value === undefined ? "" : String(value);
+  if (!numeric && /^[=+\-@\t\r]/.test(s)) s = `'${s}`;
   return /[",\n\r]/.test(s) ? `"${s.replaceAll('"', '""')}"` : s;
 }
 
 export function toCsv(columns, rows) {
-  const lines = [columns.map((c) => csvCell(c.csv || c.key)).join(",")];
-  for (const row of rows) lines.push(columns.map((c) => csvCell(row[c.key])).join(","));
+  const lines = [columns.map((c) => csvCell(c.csv || c.key, false)).join(",")];
+  for (const row of rows) lines.push(columns.map((c) => csvCell(row[c.key], c.numeric)).join(","));
   return lines.join("\n") + "\n";
 }
 
@@ -358,6 +387,14 @@ export function toCsv(columns, rows) {
 // csvRows: what the CSV holds when the table shows only some rows (the top of a list): rows, or an async
 // function fetching them when the download is asked for.
 export function renderTable(container, { id, caption, columns, rows, file, empty, csvRows = rows }) {
+  // A refresh that changed nothing leaves the table alone: focus, selection and scroll stay where they were.
+  const signature = JSON.stringify([caption, rows]);
+  if (container.dataset.signature === signature && container.firstChild) {
+    container.csvRows = csvRows;
+    return;
+  }
+  container.dataset.signature = signature;
+  container.csvRows = csvRows;
   const table = el("table", { id });
   table.append(el("caption", { text: caption }));
   const head = el("tr");
@@ -378,9 +415,10 @@ export function renderTable(container, { id, caption, columns, rows, file, empty
   }
   table.append(body);
   const download = el("button", { type: "button", class: "csv", text: `Download CSV` });
-  download.setAttribute("aria-label", `Download ${caption} as CSV`);
+  download.setAttribute("aria-label", `Download CSV: ${caption}`);
   download.addEventListener("click", async () => {
-    const all = typeof csvRows === "function" ? await csvRows() : csvRows;
+    const wanted = container.csvRows; // the latest refresh's
+    const all = typeof wanted === "function" ? await wanted() : wanted;
     const blob = new Blob([toCsv(columns, all)], { type: "text/csv" });
     const link = el("a", { href: URL.createObjectURL(blob), download: file });
     document.body.append(link);
@@ -396,12 +434,15 @@ export function renderTable(container, { id, caption, columns, rows, file, empty
 const PALETTE = ["#1f5fbf", "#b34700", "#2e7d32", "#8e24aa", "#c62828", "#00796b", "#5d4037"];
 
 // A uPlot chart of series over windows. xs: window starts (ISO strings); series: {label, values}.
-// Window starts (seconds) from minS to maxS in ``zone``: local midnights for days, the 1st for months.
+// Window starts (seconds) from minS up to maxS in ``zone``: local midnights for days, the 1st for months.
 function windowStarts(minS, maxS, zone, windowSize) {
   if (windowSize === "HOUR" || windowSize === "MINUTE") {
+    // Local hours start where the local minute is 0 (at :30 UTC in Asia/Kolkata).
     const step = windowSize === "HOUR" ? 3600 : 60;
     const out = [];
-    for (let t = Math.ceil(minS / step) * step; t <= maxS; t += step) out.push(t);
+    let t = Math.ceil(minS / 60) * 60;
+    while (windowSize === "HOUR" && zoneParts(t * 1000, zone).min !== 0 && t <= maxS) t += 60;
+    for (; t < maxS; t += step) out.push(t);
     return out;
   }
   const p = zoneParts(minS * 1000, zone);
@@ -410,7 +451,7 @@ function windowStarts(minS, maxS, zone, windowSize) {
   for (let i = 0; i < 2000; i += 1) {
     const d = parseDate(day);
     const t = zonedMidnight(d.y, d.m, d.d, zone).getTime() / 1000;
-    if (t > maxS) break;
+    if (t >= maxS) break; // the range's end starts no window
     if (t >= minS) out.push(t);
     day = windowSize === "MONTH" ? addMonths(day, 1) : addDays(day, 1);
   }
@@ -434,7 +475,10 @@ export function drawChart(container, { xs, series, zone, span, windowSize = "DAY
     height: 240,
     tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), zone),
     scales: {
-      x: span ? { time: true, range: () => [span[0].getTime() / 1000, span[1].getTime() / 1000] } : { time: true },
+      // From the first window's start (a month's may be before the range's start) to the range's end.
+      x: span
+        ? { time: true, range: () => [Math.min(span[0].getTime() / 1000, ...seconds), span[1].getTime() / 1000] }
+        : { time: true },
       y: { range: (u, min, max) => [0, max > 0 ? max * 1.08 : 1] }, // amounts start at zero
     },
     axes: [
@@ -458,10 +502,22 @@ export function drawChart(container, { xs, series, zone, span, windowSize = "DAY
       })),
     ],
   };
+  const signature = JSON.stringify([xs, series, zone, windowSize, width]);
+  if (container.chart && container.dataset.signature === signature) return container.chart; // unchanged
+  container.chart?.destroy(); // uPlot keeps every live chart (and a listener) until destroyed
   container.replaceChildren();
   const chart = new uPlot(opts, data, container);
   container.chart = chart;
+  container.dataset.signature = signature;
   return chart;
+}
+
+// A chart's place without a chart: the message instead (a chart that was there is destroyed).
+export function noChart(container, text) {
+  container.chart?.destroy();
+  container.chart = null;
+  delete container.dataset.signature;
+  container.replaceChildren(el("p", { class: "empty", text }));
 }
 
 // Keeps each chart as wide as its container (phones, resized windows).
@@ -471,10 +527,14 @@ window.addEventListener("resize", () => {
   }
 });
 
+// The status line is quiet (a screen reader is not told "Updated ..." every 30 seconds); a problem is
+// announced, in the alert region beside it.
 export function setStatus(text, error = false) {
   const status = document.getElementById("status");
   status.textContent = text;
   status.classList.toggle("error", error);
+  const problem = document.getElementById("problem");
+  if (problem && problem.textContent !== (error ? text : "")) problem.textContent = error ? text : "";
 }
 
 // The refresh interval: ``?refresh=<seconds>`` (at least 2), else the page's default.
@@ -485,11 +545,20 @@ export function refreshSeconds(fallback) {
 
 // Runs ``load`` now and every ``seconds`` while the page is visible, never two at a time; a hidden tab
 // asks nothing, and catches up as soon as it is shown again.
+// The pause button (where a page has one) stops the updates until pressed again (WCAG 2.2.2).
 export function refreshEvery(seconds, load) {
   let running = false;
   let last = 0;
+  let paused = false;
+  const pause = document.getElementById("pause");
+  pause?.addEventListener("click", () => {
+    paused = !paused;
+    pause.setAttribute("aria-pressed", String(paused));
+    pause.textContent = paused ? "Resume live updates" : "Pause live updates";
+    if (!paused) run();
+  });
   const run = async () => {
-    if (running || document.visibilityState !== "visible") return;
+    if (running || paused || document.visibilityState !== "visible") return;
     running = true;
     try {
       await load();
@@ -508,7 +577,12 @@ export function refreshEvery(seconds, load) {
 }
 
 export function showError(error) {
-  setStatus(`Could not load: ${error.message}`, true);
+  if (error instanceof ApiError && error.status === 401 && storedKey()) {
+    signOut(); // the key was revoked or has expired: ask for one again
+    return;
+  }
+  const expired = error instanceof ApiError && error.status === 401 && !storedKey();
+  setStatus(expired ? `Not signed in: ${error.message}` : `Could not load: ${error.message}`, true);
   document.body.dataset.state = "error";
 }
 
@@ -521,13 +595,26 @@ export function markReady(zone) {
   document.body.dataset.readyMs ??= String(Math.round(performance.now()));
 }
 
-// The curl that sends a first event, for empty states.
-export function firstEventCurl() {
+// ``text`` inside single quotes for a POSIX shell (a ' becomes '\'').
+function shellQuoted(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+// The curl that sends a first event (for ``subject``), for empty states.
+export function firstEventCurl(subject = "alice") {
   const auth = AUTH ? ' -H "Authorization: Bearer $KEY"' : "";
   const now = new Date().toISOString().replace(/\.\d+Z$/, "Z");
+  const event = {
+    specversion: "1.0",
+    id: `first-${Date.now()}`,
+    source: "my-app",
+    type: "llm.usage",
+    subject,
+    time: now,
+    data: { provider: "openai", model: "gpt-4o-mini", input_tokens: 1200, output_tokens: 300 },
+  };
   return (
     `curl -X POST ${location.origin}/api/v1/events${auth} -H 'Content-Type: application/cloudevents+json' \\\n` +
-    `  -d '{"specversion":"1.0","id":"first-${Date.now()}","source":"my-app","type":"llm.usage","subject":"alice",` +
-    `"time":"${now}","data":{"provider":"openai","model":"gpt-4o-mini","input_tokens":1200,"output_tokens":300}}'`
+    `  -d ${shellQuoted(JSON.stringify(event))}`
   );
 }

@@ -105,8 +105,8 @@ async function load(api, range) {
   const bySubject = new Map(details.map((r) => [r.subject, r]));
   const complete = (rows, extra) =>
     rows.map((row, i) => ({
+      ...extra.get(row.subject), // tokens and requests; the cost stays the one the subjects were ranked by
       ...row,
-      ...extra.get(row.subject),
       rank: String(i + 1),
       share: fmtShare(row.cost_usd, totalCost),
     }));

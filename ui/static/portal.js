@@ -11,6 +11,7 @@ import {
   fmtTime,
   fmtWindow,
   markReady,
+  noChart,
   parseDate,
   refreshEvery,
   renderTable,
@@ -100,7 +101,7 @@ async function load(api, me, zone) {
         series: [{ label: "Tokens", values: rows.map((r) => r.value) }],
       });
     } else {
-      chart.replaceChildren(el("p", { class: "empty", text: "No usage in the last 30 days." }));
+      noChart(chart, "No usage in the last 30 days.");
     }
     renderTable(document.getElementById("days-table"), {
       id: "days",

@@ -204,7 +204,7 @@ async function main() {
   }
   const range = readRange({ days: 30, window: "DAY" });
   setUpRangeForm(range);
-  document.getElementById("first-event").textContent = firstEventCurl().replace('"subject":"alice"', `"subject":${JSON.stringify(subject)}`);
+  document.getElementById("first-event").textContent = firstEventCurl(subject);
   await refreshEvery(refreshSeconds(REFRESH_S), () => load(api, subject, range).catch(showError));
 }
 

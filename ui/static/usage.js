@@ -1,5 +1,16 @@
 // Usage over a range, as the overview and the subject page show it: totals, two charts, a table per window.
-import { decSum, drawChart, el, fmtNumber, fmtUsd, fmtWindow, isZero, queryParams, renderTable } from "./common.js";
+import {
+  decSum,
+  drawChart,
+  el,
+  fmtNumber,
+  fmtUsd,
+  fmtWindow,
+  isZero,
+  noChart,
+  queryParams,
+  renderTable,
+} from "./common.js";
 
 // The built-in meters shown per window, in the table's order. input_tokens includes cache reads and writes,
 // output_tokens includes reasoning: the columns say so rather than subtracting.
@@ -86,9 +97,7 @@ export async function showUsage(api, range, filter = {}) {
       series: [{ label: "Cost (USD)", values: rows.map((r) => r.cost_usd) }],
     });
   } else {
-    for (const id of ["tokens-chart", "cost-chart"]) {
-      document.getElementById(id).replaceChildren(el("p", { class: "empty", text: "No usage in this range." }));
-    }
+    for (const id of ["tokens-chart", "cost-chart"]) noChart(document.getElementById(id), "No usage in this range.");
   }
   renderTable(document.getElementById("windows-table"), {
     id: "windows",
