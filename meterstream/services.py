@@ -514,7 +514,14 @@ def local_app(local: LocalSettings) -> Starlette:
             async with _opened(store), relaying(control.holds), alerting(control.alerts):
                 if local.auth.enabled and store is not None:
                     await _local_admin_key(KeyService(store), data_dir / "admin.key")
-                log.info("meterstream: ready on http://%s:%d (data in %s)", local.host, local.port, data_dir)
+                log.info(
+                    "meterstream: ready on http://%s:%d (data in %s); the usage pages: http://%s:%d/ui/",
+                    local.host,
+                    local.port,
+                    data_dir,
+                    local.host,
+                    local.port,
+                )
                 with _engine_memory_metrics(ch):
                     yield
         finally:
