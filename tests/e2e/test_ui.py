@@ -232,6 +232,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        # A loaded machine must not make Chrome treat its one window as hidden (occluded) or throttle it.
+        "--disable-backgrounding-occluded-windows",
+        "--disable-renderer-backgrounding",
+        "--disable-background-timer-throttling",
         "--window-size=1280,1000",
         f"--user-data-dir={profile}",
     ):
@@ -269,9 +273,20 @@ def errors_in_console(driver: WebDriver) -> list[str]:
 def wait_state(driver: WebDriver, state: str = "ready", timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while (got := driver.execute_script("return document.body.dataset.state")) != state:
-        status = driver.execute_script("return (document.getElementById('status') || {}).textContent")
+        status = driver.execute_script(
+            "return `${(document.getElementById('status') || {}).textContent} (${document.visibilityState}, "
+            "sign-in shown: ${!!document.getElementById('sign-in') && !document.getElementById('sign-in').hidden})`"
+        )
         assert time.monotonic() < deadline, f"page state {got!r}, not {state!r}: {status}"
         time.sleep(0.05)
+
+
+def open_signed_in(driver: WebDriver, url: str, key: str) -> None:
+    """An operator page, signed in with ``key`` if the tab holds no key yet (tests may run in any order)."""
+    driver.get(url)
+    if driver.find_element(By.ID, "sign-in").is_displayed():
+        sign_in(driver, key)
+    wait_state(driver)
 
 
 def sign_in(driver: WebDriver, key: str) -> None:
@@ -356,6 +371,8 @@ def test_the_overview_shows_the_query_apis_answers(
     stack: LocalStack, admin: httpx.Client, seeded: dict[str, str], browser: WebDriver, shots: Any, tmp_path: Path
 ) -> None:
     browser.get(overview_url(stack))
+    browser.execute_script("sessionStorage.clear()")  # signed out, whatever ran before
+    browser.get(overview_url(stack))
     sign_in(browser, seeded["read"])
     wait_state(browser)
     shots(browser, "overview")
@@ -424,8 +441,7 @@ def test_the_overview_shows_the_query_apis_answers(
 def test_a_subjects_page_shows_its_usage_entitlements_alerts_and_events(
     stack: LocalStack, admin: httpx.Client, seeded: dict[str, str], browser: WebDriver, shots: Any
 ) -> None:
-    browser.get(f"{stack.url}/ui/?" + urlencode({"from": FROM, "to": TO, "tz": ZONE}))
-    wait_state(browser)  # the key is kept for the tab
+    open_signed_in(browser, f"{stack.url}/ui/?" + urlencode({"from": FROM, "to": TO, "tz": ZONE}), seeded["read"])
     browser.find_element(By.LINK_TEXT, "alice").click()
     wait_state(browser)
     assert "subject=alice" in browser.current_url
@@ -447,8 +463,9 @@ def test_a_subjects_page_shows_its_usage_entitlements_alerts_and_events(
 
     alerts = table(browser, "alerts")  # the range is October's: none in it
     assert alerts == []
-    browser.get(f"{stack.url}/ui/subject?subject=alice&tz={ZONE}")  # the last 30 days: the 50% alert
-    wait_state(browser)
+    open_signed_in(
+        browser, f"{stack.url}/ui/subject?subject=alice&tz={ZONE}", seeded["read"]
+    )  # the last 30 days: the 50% alert
     recent = local_days(30, ZONE)
     browser.execute_script("document.getElementById('entitlements-title').scrollIntoView()")
     shots(browser, "subject-limits")
@@ -515,8 +532,7 @@ def test_phone_width_empty_state_and_live_refresh(
 ) -> None:
     browser.set_window_size(390, 844)
     try:
-        browser.get(overview_url(stack))
-        wait_state(browser)
+        open_signed_in(browser, overview_url(stack), seeded["read"])
         wide = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert wide <= 1, "nothing wider than a phone's screen: wide tables scroll inside their panel"
         shots(browser, "overview-phone")
@@ -524,15 +540,13 @@ def test_phone_width_empty_state_and_live_refresh(
     finally:
         browser.set_window_size(1280, 1000)
 
-    browser.get(f"{stack.url}/ui/?from=2020-01-01&to=2020-01-07&tz=UTC")
-    wait_state(browser)
+    open_signed_in(browser, f"{stack.url}/ui/?from=2020-01-01&to=2020-01-07&tz=UTC", seeded["read"])
     empty = browser.find_element(By.ID, "empty")
     assert empty.is_displayed() and "curl -X POST" in empty.text, "an empty range says how to send a first event"
     shots(browser, "empty")
 
     # Live: a new event appears without a reload (refresh=2 s here; 30 s by default).
-    browser.get(f"{stack.url}/ui/?refresh=2&tz=UTC")
-    wait_state(browser)
+    open_signed_in(browser, f"{stack.url}/ui/?refresh=2&tz=UTC", seeded["read"])
 
     def requests_shown() -> Decimal:
         # Read afresh each time: every refresh draws the cards anew.
@@ -549,8 +563,7 @@ def test_phone_width_empty_state_and_live_refresh(
 def test_the_overview_works_by_keyboard(stack: LocalStack, seeded: dict[str, str], browser: WebDriver) -> None:
     """Tab reaches the skip link first, then every control, the CSV buttons and the subjects' links; a preset
     is chosen with the keyboard alone."""
-    browser.get(overview_url(stack))
-    wait_state(browser)
+    open_signed_in(browser, overview_url(stack), seeded["read"])
     browser.execute_script("document.activeElement.blur()")
     reached = []
     for _ in range(80):
@@ -564,8 +577,7 @@ def test_the_overview_works_by_keyboard(stack: LocalStack, seeded: dict[str, str
     for wanted in ("INPUT:find-subject-input", "INPUT:from", "INPUT:to", "SELECT:window", "INPUT:tz",
                    "BUTTON:Last 7 days", "BUTTON:Download CSV", "A:alice"):  # fmt: skip
         assert wanted in reached, f"{wanted} is not reachable by Tab: {reached}"
-    browser.get(overview_url(stack))  # Tab starts from the top again
-    wait_state(browser)
+    open_signed_in(browser, overview_url(stack), seeded["read"])  # Tab starts from the top again
     for _ in range(reached.index("BUTTON:Last 7 days") + 1):
         ActionChains(browser).send_keys(Keys.TAB).perform()
     ActionChains(browser).send_keys(Keys.ENTER).perform()
@@ -580,7 +592,8 @@ def test_the_overview_works_by_keyboard(stack: LocalStack, seeded: dict[str, str
 
 
 def test_a_key_is_required_and_a_wrong_one_is_refused(stack: LocalStack, browser: WebDriver) -> None:
-    browser.execute_script("sessionStorage.clear()")
+    browser.get(overview_url(stack))
+    browser.execute_script("sessionStorage.clear()")  # signed out, whatever ran before
     browser.get(overview_url(stack))
     assert browser.execute_script("return document.body.dataset.state") == "loading"
     sign_in(browser, "ms_read_01J5Z3T0E6G9K3J6V9K6Y3S8QH_" + "x" * 43)
@@ -645,10 +658,8 @@ def test_an_empty_subjects_curl_is_quoted_for_the_shell(
     """The empty state's curl for a subject named with quotes and a command substitution sends that name,
     and runs nothing."""
     name = "x'$(touch /tmp/meterstream-pwned)'\"y"
-    browser.get(f"{stack.url}/ui/subject?" + urlencode({"subject": name, "from": "2020-01-01", "to": "2020-01-02"}))
-    if browser.find_element(By.ID, "sign-in").is_displayed():  # a test before this one signed out
-        sign_in(browser, seeded["read"])
-    wait_state(browser)
+    url = f"{stack.url}/ui/subject?" + urlencode({"subject": name, "from": "2020-01-01", "to": "2020-01-02"})
+    open_signed_in(browser, url, seeded["read"])
     command = browser.find_element(By.ID, "first-event").text.replace("\\\n", " ")
     words = shlex.split(command)
     payload = json.loads(words[words.index("-d") + 1])

@@ -557,8 +557,9 @@ export function refreshEvery(seconds, load) {
     pause.textContent = paused ? "Resume live updates" : "Pause live updates";
     if (!paused) run();
   });
-  const run = async () => {
-    if (running || paused || document.visibilityState !== "visible") return;
+  const run = async (first = false) => {
+    // The first load happens even in a tab not shown yet (opened in the background): it is ready when seen.
+    if (running || paused || (!first && document.visibilityState !== "visible")) return;
     running = true;
     try {
       await load();
@@ -573,7 +574,7 @@ export function refreshEvery(seconds, load) {
   document.addEventListener("visibilitychange", () => {
     if (Date.now() - last >= seconds * 1000) run();
   });
-  return run();
+  return run(true);
 }
 
 export function showError(error) {
