@@ -107,6 +107,21 @@ export function operatorApi() {
   });
 }
 
+// What both operator pages do first: a key the server accepts, the sign-out button, the range form (30 days
+// by day unless the URL says otherwise), the empty state's curl (for ``subject``). Resolves with both.
+export async function startOperatorPage(subject) {
+  const api = await operatorApi();
+  if (storedKey()) {
+    const out = document.getElementById("sign-out");
+    out.hidden = false;
+    out.addEventListener("click", signOut);
+  }
+  const range = readRange({ days: 30, window: "DAY" });
+  setUpRangeForm(range);
+  document.getElementById("first-event").textContent = firstEventCurl(subject);
+  return { api, range };
+}
+
 // -- exact decimals ----------------------------------------------------------------------------------
 
 function scaled(text) {

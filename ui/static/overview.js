@@ -1,22 +1,17 @@
 // The operators' overview: everyone's usage over a range, by model and by subject.
 import {
   decAdd,
-  firstEventCurl,
   fmtNumber,
   fmtShare,
   fmtUsd,
   isZero,
   markReady,
-  operatorApi,
   queryParams,
-  readRange,
   refreshEvery,
   refreshSeconds,
   renderTable,
-  setUpRangeForm,
   showError,
-  signOut,
-  storedKey,
+  startOperatorPage,
 } from "./common.js";
 import { showUsage } from "./usage.js";
 
@@ -139,15 +134,7 @@ async function load(api, range) {
 }
 
 async function main() {
-  const api = await operatorApi();
-  if (storedKey()) {
-    const out = document.getElementById("sign-out");
-    out.hidden = false;
-    out.addEventListener("click", signOut);
-  }
-  const range = readRange({ days: 30, window: "DAY" });
-  setUpRangeForm(range);
-  document.getElementById("first-event").textContent = firstEventCurl();
+  const { api, range } = await startOperatorPage();
   await refreshEvery(refreshSeconds(REFRESH_S), () => load(api, range).catch(showError));
 }
 

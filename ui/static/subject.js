@@ -2,21 +2,16 @@
 import {
   ApiError,
   el,
-  firstEventCurl,
   fmtNumber,
   fmtTime,
   fmtUsd,
   markReady,
-  operatorApi,
-  readRange,
   refreshEvery,
   refreshSeconds,
   renderTable,
   rfc3339,
-  setUpRangeForm,
   showError,
-  signOut,
-  storedKey,
+  startOperatorPage,
 } from "./common.js";
 import { showUsage } from "./usage.js";
 
@@ -196,15 +191,7 @@ async function main() {
   document.getElementById("subject-field").value = subject;
   document.getElementById("find-subject-input").value = subject;
   document.title = `${subject} · Meterstream`;
-  const api = await operatorApi();
-  if (storedKey()) {
-    const out = document.getElementById("sign-out");
-    out.hidden = false;
-    out.addEventListener("click", signOut);
-  }
-  const range = readRange({ days: 30, window: "DAY" });
-  setUpRangeForm(range);
-  document.getElementById("first-event").textContent = firstEventCurl(subject);
+  const { api, range } = await startOperatorPage(subject);
   await refreshEvery(refreshSeconds(REFRESH_S), () => load(api, subject, range).catch(showError));
 }
 
