@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS, Meter, UserMeter
 from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow, WindowSize
@@ -94,11 +94,20 @@ def _filters(query: MeterQuery, params: dict[str, Any], column_of: Mapping[str, 
     return clauses
 
 
-def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Meter]) -> tuple[str, str]:
-    """Where a query's minute rows come from, as (FROM clause, ts column): one value per meter of ``meters``
-    (``v0, v1...``) with ``ts, subject, provider, model``. Whole minutes are read from the windows; partial
-    minutes at the range's edges from the audit log, in a UNION. A range of whole minutes (the common case)
-    reads the windows table itself, without a subquery: a third of a one-subject query's time here."""
+class _Rows(NamedTuple):
+    """Where a query's minute rows come from: a FROM clause, its minute-start column, and the column holding
+    each meter's value (with ``subject, provider, model`` beside them)."""
+
+    source: str
+    ts: str
+    values: list[str]
+
+
+def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Meter]) -> _Rows:
+    """The minute rows of a query's range, one value per meter of ``meters``. Whole minutes are read from the
+    windows; partial minutes at the range's edges from the audit log, in a UNION (values ``v0, v1...``). A
+    range of whole minutes (the common case) reads the windows table itself, without a subquery (its own
+    columns): a third of a one-subject query's time here."""
     filters = _filters(query, params)
     start, end = _bounded(query.start), _bounded(query.end)
     whole_from = _ceil_minute(start) if start else None
@@ -122,7 +131,7 @@ def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Met
         if end is not None and whole_to is not None and whole_to < end:
             edges.append((whole_to, end))
     if windows_where and not edges:
-        return f"usage_windows WHERE {windows_where}", "window_start"
+        return _Rows(f"usage_windows WHERE {windows_where}", "window_start", [m.column for m in meters])
     if windows_where:
         values = ", ".join(f"{m.column} AS v{i}" for i, m in enumerate(meters))
         parts.append(
@@ -141,7 +150,7 @@ def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Met
             "SELECT toDateTime(toStartOfMinute(time), 'UTC') AS ts, subject, provider, model, "
             f"{event_values} FROM usage_events FINAL WHERE {' AND '.join(where)}"
         )
-    return f"({' UNION ALL '.join(parts)})", "ts"
+    return _Rows(f"({' UNION ALL '.join(parts)})", "ts", [f"v{i}" for i in range(len(meters))])
 
 
 def meter_query_sql(query: MeterQuery, meters: Sequence[Meter] = ()) -> Sql:
@@ -151,12 +160,9 @@ def meter_query_sql(query: MeterQuery, meters: Sequence[Meter] = ()) -> Sql:
         assert isinstance(query.meter, Meter), "user meters are read from the audit log (user_meter_sql)"
         meters = (query.meter,)
     params: dict[str, Any] = {"tz": query.time_zone}
-    source, ts = _usage_union(query, params, meters)
+    rows = _usage_union(query, params, meters)
     dims = [d for d in GROUP_BY_KEYS if d in query.group_by]
-    # From the windows table itself, its columns under their own names; from a union, v0, v1...
-    direct = ts == "window_start"
-    sums = [f"sum({m.column})" if direct else f"sum(v{i})" for i, m in enumerate(meters)]
-    return _aggregated(query, source, dims, sums, ts=ts), params
+    return _aggregated(query, rows.source, dims, [f"sum({v})" for v in rows.values], ts=rows.ts), params
 
 
 def _aggregated(
@@ -255,11 +261,10 @@ def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql
         raise ValueError("segment boundaries must be whole minutes")
     assert isinstance(query.meter, Meter)
     params: dict[str, Any] = {"tz": query.time_zone, "bounds": list(boundaries)}
-    source, ts = _usage_union(query, params, (query.meter,))
-    value = query.meter.column if ts == "window_start" else "v0"
+    rows = _usage_union(query, params, (query.meter,))
     sql = (
-        f"SELECT arrayCount(b -> b <= {ts}, {{bounds:Array(DateTime('UTC'))}}) AS segment, sum({value}) AS value "
-        f"FROM {source} GROUP BY segment ORDER BY segment"
+        f"SELECT arrayCount(b -> b <= {rows.ts}, {{bounds:Array(DateTime('UTC'))}}) AS segment, "
+        f"sum({rows.values[0]}) AS value FROM {rows.source} GROUP BY segment ORDER BY segment"
     )
     return sql, params
 

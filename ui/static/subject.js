@@ -22,19 +22,25 @@ const ALERT_KINDS = {
   "entitlements.reset": "usage reset",
 };
 
-async function entitlements(api, subject, range) {
-  const base = `/api/v1/subjects/${encodeURIComponent(subject)}/entitlements`;
-  let list;
+// The answer of a control-plane endpoint, or null with ``what`` explained in ``container`` when this server
+// has no PostgreSQL (those routes are then absent: the API's "no such endpoint").
+async function ifConfigured(request, container, what) {
   try {
-    list = await api.get(base);
+    return await request;
   } catch (error) {
     if (error instanceof ApiError && error.status === 404 && error.message === "no such endpoint") {
-      const text = "Limits need PostgreSQL (POSTGRES__DSN); this server has none.";
-      document.getElementById("entitlements-table").replaceChildren(el("p", { class: "empty", text }));
-      return;
+      const text = `${what} need PostgreSQL (POSTGRES__DSN); this server has none.`;
+      container.replaceChildren(el("p", { class: "empty", text }));
+      return null;
     }
     throw error;
   }
+}
+
+async function entitlements(api, subject, range) {
+  const base = `/api/v1/subjects/${encodeURIComponent(subject)}/entitlements`;
+  const list = await ifConfigured(api.get(base), document.getElementById("entitlements-table"), "Limits");
+  if (list === null) return;
   const rows = await Promise.all(
     (Array.isArray(list) ? list : list.items).map(async (e) => {
       const value = await api.get(`${base}/${encodeURIComponent(e.id)}/value`);
@@ -76,21 +82,17 @@ async function entitlements(api, subject, range) {
 
 async function alerts(api, subject, range) {
   const container = document.getElementById("alerts-table");
-  let page;
-  try {
-    page = await api.get("/api/v1/notification/events", {
+  const page = await ifConfigured(
+    api.get("/api/v1/notification/events", {
       subject,
       from: rfc3339(range.start),
       to: rfc3339(range.end),
       pageSize: "50",
-    });
-  } catch (error) {
-    if (error instanceof ApiError && error.status === 404 && error.message === "no such endpoint") {
-      container.replaceChildren(el("p", { class: "empty", text: "Alerts need PostgreSQL; this server has none." }));
-      return;
-    }
-    throw error;
-  }
+    }),
+    container,
+    "Alerts",
+  );
+  if (page === null) return;
   const rows = page.items.map((event) => {
     const data = event.payload.data || {};
     const delivery = event.deliveryStatus[0];
