@@ -3,7 +3,7 @@
 // Numbers are kept as the API wrote them (strings): a cost such as 0.000000075 is shown and summed
 // exactly, never through a float. Floats are used only to draw charts.
 
-export const AUTH = document.querySelector('meta[name="meterstream-auth"]')?.content === "on";
+const AUTH = document.querySelector('meta[name="meterstream-auth"]')?.content === "on";
 const KEY_ITEM = "meterstream.key";
 
 export class ApiError extends Error {
@@ -17,7 +17,7 @@ export class ApiError extends Error {
 // outside them is quoted, then JSON.parse. (JSON.parse alone would round long decimals and token counts.)
 const JSON_TOKENS = /"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?/g;
 
-export function exactJson(text) {
+function exactJson(text) {
   return JSON.parse(text.replace(JSON_TOKENS, (token) => (token[0] === '"' ? token : `"${token}"`)));
 }
 
@@ -66,18 +66,18 @@ export class Api {
 
 // -- the operator's key ------------------------------------------------------------------------------
 
-export function storedKey() {
+function storedKey() {
   return sessionStorage.getItem(KEY_ITEM);
 }
 
-export function signOut() {
+function signOut() {
   sessionStorage.removeItem(KEY_ITEM);
   location.reload();
 }
 
 // Resolves with an Api once the visitor has given a key the server accepts (at once when one is kept for
 // this tab, or authentication is off). The key stays in this tab's session storage only.
-export function operatorApi() {
+function operatorApi() {
   if (!AUTH) return Promise.resolve(new Api(null));
   const kept = storedKey();
   if (kept) return Promise.resolve(new Api(kept));
@@ -187,7 +187,7 @@ export function browserZone() {
   return Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
 }
 
-export function validZone(zone) {
+function validZone(zone) {
   try {
     new Intl.DateTimeFormat("en", { timeZone: zone });
     return true;
@@ -206,7 +206,7 @@ function formatter(locale, options) {
 
 // The zone's name as the IANA database spells it ("europe/berlin" is "Europe/Berlin"; the server's
 // time zone database is case-sensitive), keeping the given name where the browser knows it by an alias.
-export function canonicalZone(zone) {
+function canonicalZone(zone) {
   const resolved = new Intl.DateTimeFormat("en", { timeZone: zone }).resolvedOptions().timeZone;
   return resolved.toLowerCase() === zone.toLowerCase() ? resolved : zone;
 }
@@ -253,7 +253,7 @@ export function todayIn(zone) {
   return isoDate(p.y, p.m, p.d);
 }
 
-export function isoDate(y, m, d) {
+function isoDate(y, m, d) {
   return `${String(y).padStart(4, "0")}-${String(m).padStart(2, "0")}-${String(d).padStart(2, "0")}`;
 }
 
@@ -268,7 +268,7 @@ export function addDays(text, days) {
   return isoDate(t.getUTCFullYear(), t.getUTCMonth() + 1, t.getUTCDate());
 }
 
-export function addMonths(text, months) {
+function addMonths(text, months) {
   const p = parseDate(text);
   const t = new Date(Date.UTC(p.y, p.m - 1 + months, 1));
   return isoDate(t.getUTCFullYear(), t.getUTCMonth() + 1, 1);
@@ -294,7 +294,7 @@ export function fmtTime(iso, zone) {
 }
 
 // The page's range from its URL (or defaults): local dates in a zone, turned into the API's instants.
-export function readRange(defaults) {
+function readRange(defaults) {
   const params = new URLSearchParams(location.search);
   const zone = validZone(params.get("tz")) ? canonicalZone(params.get("tz")) : browserZone();
   const windowSize = ["HOUR", "DAY", "MONTH"].includes(params.get("window")) ? params.get("window") : defaults.window;
@@ -326,7 +326,7 @@ export function queryParams(range, extra = {}) {
 }
 
 // Fills the range form from ``range``, wires its presets, and lists the zones the browser knows.
-export function setUpRangeForm(range) {
+function setUpRangeForm(range) {
   const form = document.getElementById("range");
   form.elements.from.value = range.from;
   form.elements.to.value = range.to;
@@ -390,7 +390,7 @@ function csvCell(value, numeric) {
   return /[",\n\r]/.test(s) ? `"${s.replaceAll('"', '""')}"` : s;
 }
 
-export function toCsv(columns, rows) {
+function toCsv(columns, rows) {
   const lines = [columns.map((c) => csvCell(c.csv || c.key, false)).join(",")];
   for (const row of rows) lines.push(columns.map((c) => csvCell(row[c.key], c.numeric)).join(","));
   return lines.join("\n") + "\n";
@@ -617,7 +617,7 @@ function shellQuoted(text) {
 }
 
 // The curl that sends a first event (for ``subject``), for empty states.
-export function firstEventCurl(subject = "alice") {
+function firstEventCurl(subject = "alice") {
   const auth = AUTH ? ' -H "Authorization: Bearer $KEY"' : "";
   const now = new Date().toISOString().replace(/\.\d+Z$/, "Z");
   const event = {
