@@ -33,7 +33,7 @@ from typing import Any, Final, Protocol
 from control import engine, sizing
 from control.inputs import CommitIn, EstimateIn, ReserveIn
 from control.model import Entitlement, Feature, Grant, HoldLine, Reservation, ReservationStatus, UsageReset
-from control.service import ControlService, current_period, new_id, not_found, with_stored_positions
+from control.service import SNAPSHOT_ATTEMPTS, ControlService, current_period, new_id, not_found, with_stored_positions
 from control.store import ControlTx, ReserveState, StoreUnavailable
 from schemas.estimate import EstimateError, TokenBound, bound_request
 from schemas.meters import find_meter
@@ -44,8 +44,6 @@ from schemas.usage import canonical_provider
 log = logging.getLogger(__name__)
 
 ZERO: Final = Decimal(0)
-#: Tries at reading the usage and the applied offsets as one snapshot.
-SNAPSHOT_ATTEMPTS: Final = 3
 #: Most cached usage reads kept (a few hundred bytes each).
 MAX_CACHED: Final = 100_000
 #: A commit whose event the broker has not acknowledged this long after it is sent again by the relay (longer

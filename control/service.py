@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 from zoneinfo import ZoneInfo
 
 from ulid import ULID
@@ -51,6 +51,8 @@ from schemas.problems import FieldError, Problem, bad
 from schemas.query import MeterQuery
 
 ZERO = Decimal(0)
+#: Tries at reading the usage and the applied offsets as one snapshot.
+SNAPSHOT_ATTEMPTS: Final = 3
 #: How a grant that never expires (the one issueAfterReset makes) is shown, as OpenMeter shows it.
 NEVER = ("YEAR", 100)
 
@@ -673,8 +675,11 @@ class ControlService:
             )
         # The usage and the applied offsets as one snapshot (equal offsets before and after the usage read),
         # so a commit counts either in the usage or as pending (control/sizing.py, outstanding).
+        # (After the last attempt the offsets read first stand: a commit may then count twice, never not at all.)
         applied: Mapping[tuple[str, int], int] = {}
-        for _ in range(3):
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.005)  # a write was under way: let it finish
             applied = await asyncio.to_thread(self._usage.applied_offsets) if reservations else {}
             balance, _ = await self.replay(ent, feature, grants, resets, t)
             reservations = await with_stored_positions(self._usage, self.reservation_source, reservations)

@@ -103,6 +103,18 @@ class _Rows(NamedTuple):
     values: list[str]
 
 
+#: Joined to the audit log where it stands in for the windows (partial minutes): an event counts there only
+#: once its windows are stored. The audit rows are written a moment before the windows and their offset
+#: markers; counting them earlier would make a query's usage run ahead of the applied offsets, and a
+#: reader pairing the two (a reservation's commit counts as pending until its offset is applied) would
+#: count that event twice.
+_APPLIED_JOIN: Final = (
+    "INNER JOIN (SELECT src_topic, src_partition, max(applied_offset) AS offset FROM usage_windows "
+    "WHERE subject = '' GROUP BY src_topic, src_partition) AS applied "
+    "ON e.src_topic = applied.src_topic AND e.src_partition = applied.src_partition"
+)
+
+
 def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Meter]) -> _Rows:
     """The minute rows of a query's range, one value per meter of ``meters``. Whole minutes are read from the
     windows; partial minutes at the range's edges from the audit log, in a UNION (values ``v0, v1...``). A
@@ -139,7 +151,7 @@ def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Met
         )
     event_values = ", ".join(f"{_EVENT_VALUE[m.column]} AS v{i}" for i, m in enumerate(meters))
     for i, (edge_from, edge_to) in enumerate(edges):
-        where = ["status = 'counted'", *filters]
+        where = ["status = 'counted'", "e.src_offset <= applied.offset", *filters]
         if edge_from is not None:
             params[f"edge{i}_from"] = edge_from
             where.append(f"time >= {{edge{i}_from:DateTime64(6, 'UTC')}}")
@@ -148,7 +160,7 @@ def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Met
             where.append(f"time < {{edge{i}_to:DateTime64(6, 'UTC')}}")
         parts.append(
             "SELECT toDateTime(toStartOfMinute(time), 'UTC') AS ts, subject, provider, model, "
-            f"{event_values} FROM usage_events FINAL WHERE {' AND '.join(where)}"
+            f"{event_values} FROM usage_events AS e FINAL {_APPLIED_JOIN} WHERE {' AND '.join(where)}"
         )
     return _Rows(f"({' UNION ALL '.join(parts)})", "ts", [f"v{i}" for i in range(len(meters))])
 
@@ -412,7 +424,8 @@ class MeterReader:
 
     def applied_offsets(self) -> dict[tuple[str, int], int]:
         """The last events-topic offset whose windows are stored, per (topic id, partition): an event at or
-        below it is in every query from now on (the sink writes windows and these markers in one insert)."""
+        below it is in every query from now on, and one above it in none (the sink writes windows and these markers
+        in one insert; partial minutes read from the audit log count only events at or below them)."""
         result = self._query(
             "SELECT src_topic, src_partition, max(applied_offset) FROM usage_windows "
             "WHERE subject = '' GROUP BY src_topic, src_partition"

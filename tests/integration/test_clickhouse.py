@@ -144,6 +144,43 @@ def test_reconcile_sees_a_missing_window(ch: ClickHouse) -> None:
     assert difference.values["requests"] == (Decimal(2), Decimal(1))
 
 
+def test_the_audit_log_counts_an_event_once_its_windows_are_stored(ch: ClickHouse) -> None:
+    """Partial minutes are read from the audit log, which is written a moment before the windows and their
+    offset markers. An event counts there only once its offset is applied: the usage a query reports never
+    runs ahead of the applied offsets (a commit pending until its offset is applied counts once)."""
+    from tests.unit.test_apply import MINUTE, record, row
+
+    store, reader = WindowStore(ch), MeterReader(ch)
+    start = datetime.fromtimestamp(MINUTE, UTC)
+    inside = MeterQuery(meter=REQUESTS, start=start, end=start + timedelta(seconds=30), include={"subject": ("alice",)})
+    across = MeterQuery(
+        meter=REQUESTS, start=start, end=start + timedelta(minutes=1, seconds=30), include={"subject": ("alice",)}
+    )
+
+    def total(q: MeterQuery) -> Decimal:
+        return sum((r.value for r in reader.query_meter(q)), Decimal(0))
+
+    first = record(3, row("a", 0), row("b", 1))
+    store.write(Plan(events=[Kept(first, None)], offsets={}), datetime.now(UTC))  # the audit rows alone
+    assert (total(inside), total(across)) == (0, 0)
+    assert reader.applied_offsets() == {}
+    plan = Plan(events=[Kept(first, None)], offsets={("T", 0): 3})
+    totals = Totals()
+    totals.counts[0] = 2
+    plan.windows[("alice", "openai", "gpt-4o-mini", MINUTE)] = totals
+    store.write(plan, datetime.now(UTC))
+    assert (total(inside), total(across)) == (2, 2)
+    # A later event's audit row: not counted while the marker of its partition is behind it.
+    store.write(Plan(events=[Kept(record(4, row("c", 0)), None)], offsets={}), datetime.now(UTC))
+    assert (total(inside), total(across)) == (2, 2)
+    store.write(
+        Plan(events=[Kept(record(9, row("d", 0), partition=1), None)], offsets={("T", 1): 9}), datetime.now(UTC)
+    )
+    assert total(inside) == 3  # its own partition's marker covers it; the other's still does not cover "c"
+    store.write(Plan(offsets={("T", 0): 4}), datetime.now(UTC))
+    assert total(inside) == 4
+
+
 def test_a_written_batch_is_released_at_once(ch: ClickHouse) -> None:
     """Once a batch is written nothing holds its values, with no wait for a full garbage collection
     (clickhouse-connect's insert context lingers in a reference cycle; keeping each batch alive until a
