@@ -30,13 +30,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Protocol
 
+from prometheus_client import Counter
+
 from control import engine, sizing
 from control.inputs import CommitIn, EstimateIn, ReserveIn
 from control.model import Entitlement, Feature, Grant, HoldLine, Reservation, ReservationStatus, UsageReset
 from control.service import SNAPSHOT_ATTEMPTS, ControlService, current_period, new_id, not_found, with_stored_positions
 from control.store import ControlTx, ReserveState, StoreUnavailable
+from control.usage_cache import Segments, UsageCache
 from schemas.estimate import EstimateError, TokenBound, bound_request
-from schemas.meters import find_meter
+from schemas.meters import WindowChange, find_meter
 from schemas.problems import FieldError, Problem, bad
 from schemas.settings import ReservationSettings
 from schemas.usage import canonical_provider
@@ -44,6 +47,12 @@ from schemas.usage import canonical_provider
 log = logging.getLogger(__name__)
 
 ZERO: Final = Decimal(0)
+USAGE_READS: Final = Counter(
+    "meterstream_reservation_usage_reads_total",
+    "Reserves' reads of a subject's windows usage, by source: ClickHouse, or the usage kept and brought "
+    "forward by the sink of this process (control/usage_cache.py)",
+    ["source"],
+)
 #: Most cached usage reads kept (a few hundred bytes each).
 MAX_CACHED: Final = 100_000
 #: A commit whose event the broker has not acknowledged this long after it is sent again by the relay (longer
@@ -161,8 +170,8 @@ class ReservationService:
         self._events = events
         self._pricer = pricer
         self._clock = clock
-        #: Usage per segment of a subject's current timeline, by write version (see _balance).
-        self._usage: dict[Hashable, list[Decimal]] = {}
+        #: Usage per segment of a subject's current timeline, at a write version (see _balance).
+        self._usage = UsageCache(MAX_CACHED)
         self._settings = settings
         self._event_type = usage_event_type
         self._queues = _KeyedLock()
@@ -189,6 +198,13 @@ class ReservationService:
     def estimate(self, inp: EstimateIn) -> tuple[TokenBound, Decimal | None]:
         tokens, call = self.bound(inp.provider, inp.model, inp.request, self._control.now(), inp.extraInputTokens)
         return tokens, call.cost()
+
+    def windows_stored(
+        self, changes: Sequence[WindowChange], versions: Mapping[str, tuple[Hashable, Hashable]]
+    ) -> None:
+        """The sink of this process stored a write (``Sink.on_windows_stored``; any thread): the usage kept
+        for reserves is brought forward by it."""
+        self._usage.stored(changes, versions)
 
     # -- reserve ---------------------------------------------------------------------------------------
 
@@ -360,10 +376,11 @@ class ReservationService:
     ) -> tuple[Decimal, tuple[datetime, datetime]]:
         """What the grants have left after the windows' usage, and the current period.
 
-        The windows' usage per segment is cached by the subject's write version: reused only while no write
-        touched the subject's windows since it was read. It is read to the end of time (whole-minute windows
-        only), so a reuse later in the period still covers every stored event; the one difference from the
-        value API's number is that an event stored with a time in the future already counts here.
+        The windows' usage per segment is kept at the subject's write version, and brought forward by every
+        write the sink of this process stores (control/usage_cache.py): reused while it is what the windows
+        hold. It is read to the end of time, so a reuse later in the period still covers every stored event;
+        the one difference from the value API's number is that an event stored with a time in the future
+        already counts here.
         """
         assert t.ent.measure_usage_from is not None
         period = current_period(t.ent, resets, now)
@@ -375,15 +392,16 @@ class ReservationService:
         usages: list[Decimal] = []
         if len(line.boundaries) > 1:
             version = self._clock.usage_version(t.ent.subject_key)
-            key = (t.ent.id, t.feature.id, line.boundaries[:-1], version)
-            cached = self._usage.get(key) if version is not None else None
+            key = (t.ent.id, t.feature.id, line.boundaries[:-1])
+            cached = self._usage.get(key, version)
+            USAGE_READS.labels("clickhouse" if cached is None else "kept").inc()
             if cached is None:
-                query = self._control.usage_query(t.ent.subject_key, t.feature, meter, line.boundaries[0], None)
-                cached = await asyncio.to_thread(self._control.usage.segment_totals, query, line.boundaries[1:-1])
+                start, cuts = line.boundaries[0], line.boundaries[1:-1]
+                query = self._control.usage_query(t.ent.subject_key, t.feature, meter, start, None)
+                cached = await asyncio.to_thread(self._control.usage.segment_totals, query, cuts)
                 if version is not None and self._clock.usage_version(t.ent.subject_key) == version:
-                    if len(self._usage) >= MAX_CACHED:
-                        self._usage.clear()
-                    self._usage[key] = cached
+                    segments = Segments(t.ent.subject_key, meter.column, t.feature.filters, start, tuple(cuts))
+                    self._usage.put(key, version, segments, cached)
             usages = cached
         balance = engine.replay(line, usages)
         return balance.balance, (balance.last_reset, period[1])

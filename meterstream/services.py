@@ -383,6 +383,8 @@ def sink_app(settings: SinkSettings) -> Starlette:
     control = make_control(store, settings.default_plan, reader, reserving, settings.alerts)
     if control.alerts is not None:
         sink.on_stored = control.alerts.service.kick_threadsafe
+    if control.holds is not None:
+        sink.on_windows_stored = control.holds.windows_stored
     access = make_access(settings.auth, store, "sink")
 
     @asynccontextmanager
@@ -502,6 +504,8 @@ def local_app(local: LocalSettings) -> Starlette:
     control = make_control(store, local.default_plan, reader, reserving, local.alerts)
     if control.alerts is not None:
         sink.on_stored = control.alerts.service.kick_threadsafe
+    if control.holds is not None:
+        sink.on_windows_stored = control.holds.windows_stored
     access = make_access(local.auth, store, "meterstream")
     meters = make_meters(local.meters_file, store, ingest_settings.litellm_event_type)
     sink_thread = threading.Thread(target=sink.run, name="sink", daemon=True)

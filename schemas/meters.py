@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Final, Literal
 
 from schemas.problems import bad
@@ -27,6 +28,28 @@ WINDOW_COUNTS: Final = (
     "total_tokens",
     "unpriced_requests",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowChange:
+    """What one stored write added to one subject's 1-minute window (negative where it took usage back
+    out): the counts in ``WINDOW_COUNTS`` order and the cost in atto-dollars. Told by the sink to the
+    readers in its process that keep usage they read, so they can bring it forward instead of reading it
+    again."""
+
+    subject: str
+    provider: str
+    model: str
+    minute: datetime
+    counts: Sequence[int]
+    cost_atto: int
+
+    def value(self, column: str) -> Decimal:
+        """The change of a built-in meter's column (``cost_usd`` in USD, exact)."""
+        if column == "cost_usd":
+            return Decimal(self.cost_atto).scaleb(-18)
+        return Decimal(self.counts[WINDOW_COUNTS.index(column)])
+
 
 _CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CREATED: Final = datetime(2026, 1, 1, tzinfo=UTC)

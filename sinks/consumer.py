@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from prometheus_client import Counter, Gauge, Histogram
 from rbloom import Bloom
 
+from schemas.meters import WindowChange
 from schemas.recent import RecentKeys
 from schemas.records import DeadLetterRecord, UnsupportedVersion, WindowsRecord, decode_windows, encode
 from schemas.settings import CONSUMER_FETCH_MAX_WAIT_MS, SinkSettings
@@ -179,6 +180,12 @@ class Sink:
         #: Told the subjects of every write once it is stored (from the sink's thread: it must not block).
         #: The alerts' evaluator listens; a crash before it is told is caught up by its sweep at start.
         self.on_stored: Callable[[set[str]], None] | None = None
+        #: Told every stored write's window changes with each changed subject's usage version before and
+        #: after it (from the sink's thread, before its next write; see usage_version). The reservations'
+        #: usage cache listens (control/usage_cache.py).
+        self.on_windows_stored: (
+            Callable[[Sequence[WindowChange], Mapping[str, tuple[Hashable, Hashable]]], None] | None
+        ) = None
         self._dead_letters = dead_letters or KafkaDeadLetters(settings)
         self._consumer: Any = consumer or Consumer(
             settings.kafka.to_librdkafka()
@@ -229,10 +236,33 @@ class Sink:
             version = self._versions[_bucket(subject)]
             return None if version % 2 else (self._generation, version)
 
-    def _bump(self, buckets: set[int]) -> None:
+    def _bump(self, buckets: set[int]) -> int:
+        """Advance the buckets' versions; the generation they are of."""
         with self._state_lock:
             for b in buckets:
                 self._versions[b] += 1
+            return self._generation
+
+    def _tell_windows(self, plan: Plan, before: int, after: int) -> None:
+        """Tell ``on_windows_stored`` what a stored write added to the windows, with each changed subject's
+        usage version before the write and after it (unless the write was not this sink's alone to tell:
+        a rebalance, or a partition it does not hold)."""
+        listener = self.on_windows_stored
+        if listener is None or not plan.windows or before != after or self.usage_version("") is None:
+            return
+        generation = after
+        versions: dict[str, tuple[Hashable, Hashable]] = {}
+        changes: list[WindowChange] = []
+        for (subject, provider, model, minute), totals in plan.windows.items():
+            if subject not in versions:
+                v = self._versions[_bucket(subject)]  # this thread alone writes them
+                versions[subject] = ((generation, v - 2), (generation, v))
+            minute_start = datetime.fromtimestamp(minute, UTC)
+            changes.append(WindowChange(subject, provider, model, minute_start, totals.counts, totals.cost_atto))
+        try:
+            listener(changes, versions)
+        except Exception:
+            log.exception("sink: the stored-windows listener failed")
 
     def run(self) -> None:
         """Consume until ``stop()``. The batch in hand is then written, or, if storage is down, left
@@ -353,14 +383,15 @@ class Sink:
         stored_at = datetime.now(UTC)
         # Odd versions while the write is in flight, new even ones after it (whatever its outcome).
         touched = {_bucket(key[0]) for key in plan.windows}
-        self._bump(touched)
+        before = self._bump(touched)
         try:
             if self._retrying(lambda: self._store.write(plan, stored_at)) is _GAVE_UP:
                 return
             with self._state_lock:
                 self._applied.update(plan.offsets)
         finally:
-            self._bump(touched)
+            after = self._bump(touched)
+        self._tell_windows(plan, before, after)
         # Written: now (and only now) the windows-topic offsets may be committed, never at or past a held
         # record (a restart must read it again).
         offsets: dict[tuple[str, int], int] = {}
