@@ -161,6 +161,9 @@ class Processor:
                     pricer=self._pricer,
                     known=self._recent,
                 )
+                # Encoding is pure too: a record whose output cannot be written is a poison record, never
+                # one retried for ever while the partition behind it waits.
+                encoded = encode(output.windows), [encode(letter) for letter in output.dead_letters]
             except Exception as exc:
                 # A poison record: decoding and processing are pure, so it would fail the same way on every
                 # retry. Its events go to the dead-letter topic and the audit log ("failed"), and its output
@@ -174,11 +177,11 @@ class Processor:
                     offset=message.offset,
                     reason=f"cannot be processed: {type(exc).__name__}: {exc}"[:500],
                 )
-            for letter in output.dead_letters:
-                futures.append(await app.producer.send(dead_letter, None, encode(letter), None, None, None))
-            futures.append(
-                await app.producer.send(windows, None, encode(output.windows), message.partition, None, None)
-            )
+                encoded = encode(output.windows), [encode(letter) for letter in output.dead_letters]
+            windows_value, letters = encoded
+            for letter_value in letters:
+                futures.append(await app.producer.send(dead_letter, None, letter_value, None, None, None))
+            futures.append(await app.producer.send(windows, None, windows_value, message.partition, None, None))
             stored_keys.extend(output.keys)
             counts["records"] += 1
             counts["duplicates"] += output.duplicates

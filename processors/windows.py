@@ -17,6 +17,8 @@ import orjson
 
 from processors.pricing import Price, Pricer
 from schemas.records import (
+    BIG_AMOUNTS_VERSION,
+    INT64_MAX,
     RECORD_VERSION,
     AcceptedEvent,
     AuditColumns,
@@ -25,6 +27,8 @@ from schemas.records import (
     EventStatus,
     WindowDelta,
     WindowsRecord,
+    atto,
+    wire_atto,
 )
 
 log = logging.getLogger(__name__)
@@ -165,8 +169,23 @@ def process_record(
         "windows": [_delta(k, w) for k, w in windows.items()],
         "events": audit,
     }
+    # Costs are never negative and an event's is part of its window's: if no window's total fits past 64
+    # bits, no amount of the record does (the common case: checked once per window, not per amount).
+    if any(w[8] > INT64_MAX for w in windows.values()):
+        _with_big_amounts(output)
     keys = list(zip(audit["source"], audit["id"], strict=True))
     return Output(output, dead, keys, duplicates, unpriced)
+
+
+def _with_big_amounts(output: WindowsRecord) -> None:
+    """Amounts past 64 bits as decimal strings, in a record of the version that says so."""
+    output["v"] = BIG_AMOUNTS_VERSION
+    for delta in output["windows"]:
+        delta["cost_atto"] = wire_atto(atto(delta["cost_atto"]))
+    audit = output["events"]
+    for name in ("cost_atto", "cost_input_atto", "cost_output_atto"):
+        column = audit[name]
+        audit[name] = [None if a is None else wire_atto(atto(a)) for a in column]
 
 
 def _delta(key: tuple[str, str, str, int], c: list[int]) -> WindowDelta:

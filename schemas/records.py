@@ -32,8 +32,27 @@ from typing import Any, Final, Literal, NotRequired, TypedDict
 import orjson
 
 RECORD_VERSION: Final = 1
+#: The version of a windows record holding an atto-dollar amount too large for a 64-bit integer (USD 9.22 and
+#: more in one event, or in one window of one record), written as a decimal string: JSON numbers that large
+#: cannot be written by orjson, and a reader parsing them as floats would lose cents. Only such records carry
+#: it, so every other record stays readable by version-1 readers.
+BIG_AMOUNTS_VERSION: Final = 2
 #: Versions this code reads (see the module docstring for the upgrade rule).
-READABLE_VERSIONS: Final = frozenset({1})
+READABLE_VERSIONS: Final = frozenset({1, BIG_AMOUNTS_VERSION})
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
+def wire_atto(amount: int) -> int | str:
+    """An atto-dollar amount as a record carries it: an integer if it fits in 64 bits, else its decimal
+    string (and the record is then of ``BIG_AMOUNTS_VERSION``)."""
+    return amount if INT64_MIN <= amount <= INT64_MAX else str(amount)
+
+
+def atto(amount: int | str) -> int:
+    """An atto-dollar amount read from a record (see ``wire_atto``)."""
+    return amount if type(amount) is int else int(amount)
 
 
 class UnsupportedVersion(ValueError):
@@ -105,9 +124,10 @@ class AuditColumns(TypedDict):
     usage: list[str]
     #: Cost and its input and output parts in atto-dollars (1e-18 USD, exact integers; see
     #: schemas.money), or None when the event could not be priced.
-    cost_atto: list[int | None]
-    cost_input_atto: list[int | None]
-    cost_output_atto: list[int | None]
+    #: (Each a decimal string instead of an integer beyond 64 bits: see ``wire_atto``.)
+    cost_atto: list[int | str | None]
+    cost_input_atto: list[int | str | None]
+    cost_output_atto: list[int | str | None]
     #: Where the price came from ("genai-prices 0.2.3 data:…" or "override …"), or why there is none.
     price_source: list[str]
     status: list[EventStatus]
@@ -131,8 +151,8 @@ class WindowDelta(TypedDict):
     cache_write_tokens: int
     reasoning_tokens: int
     total_tokens: int
-    #: Cost of the priced requests, atto-dollars.
-    cost_atto: int
+    #: Cost of the priced requests, atto-dollars (a decimal string beyond 64 bits: see ``wire_atto``).
+    cost_atto: int | str
     unpriced_requests: int
 
 

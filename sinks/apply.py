@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from schemas.meters import WINDOW_COUNTS
-from schemas.records import AuditColumns, WindowsRecord
+from schemas.records import AuditColumns, WindowsRecord, atto
 
 #: (source, id) of an event.
 EventKey = tuple[str, str]
@@ -129,7 +129,7 @@ def plan_batch(
             counts[5] += delta["reasoning_tokens"]
             counts[6] += delta["total_tokens"]
             counts[7] += delta["unpriced_requests"]
-            totals.cost_atto += delta["cost_atto"]
+            totals.cost_atto += atto(delta["cost_atto"])
 
     keys = [key for record in accepted for key in zip(record["events"]["source"], record["events"]["id"], strict=True)]
     unique = list(dict.fromkeys(keys))
@@ -183,7 +183,8 @@ def _take_back(windows: dict[WindowKey, Totals], events: AuditColumns, i: int) -
     key = (events["subject"][i], events["provider"][i], events["model"][i], (events["time_us"][i] // 60_000_000) * 60)
     totals = windows[key]
     input_tokens, output_tokens = events["input_tokens"][i], events["output_tokens"][i]
-    cost = events["cost_atto"][i]
+    wired = events["cost_atto"][i]
+    cost = None if wired is None else atto(wired)
     values = (
         1,
         input_tokens,

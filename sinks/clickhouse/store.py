@@ -13,7 +13,7 @@ from clickhouse_connect.driver.client import Client
 from schemas.events import from_micros, to_micros
 from schemas.meters import WINDOW_COUNTS
 from schemas.money import from_atto
-from schemas.records import AUDIT_COLUMNS
+from schemas.records import AUDIT_COLUMNS, BIG_AMOUNTS_VERSION, atto
 from sinks.apply import Coords, EventKey, Plan, Source
 from sinks.clickhouse.connection import ClickHouse
 
@@ -46,6 +46,8 @@ _EVENT_COLUMNS: Final = (
     "src_offset",
     "src_index",
 )
+#: Audit columns of atto-dollar amounts (decimal strings past 64 bits in a record of BIG_AMOUNTS_VERSION).
+_AMOUNTS: Final = frozenset({"cost_atto", "cost_input_atto", "cost_output_atto"})
 #: Audit columns of a windows record whose table column has another name.
 _AUDIT_TO_TABLE: Final = {"index": "src_index", "time_us": "time", "received_us": "received_at"}
 _WINDOW_COLUMNS: Final = (
@@ -173,6 +175,8 @@ def _event_columns(plan: Plan, stored_at: datetime) -> list[list[Any]]:
             continue
         for name in AUDIT_COLUMNS:
             column = events[name]  # type: ignore[literal-required]
+            if name in _AMOUNTS and record["v"] == BIG_AMOUNTS_VERSION:
+                column = [None if a is None else atto(a) for a in column]
             target = _AUDIT_TO_TABLE.get(name, name)
             out[target].extend(column if rows is None else [column[i] for i in rows])
         out["stored_at"].extend([stored_us] * n)

@@ -293,7 +293,8 @@ def test_an_undecodable_record_is_dead_lettered_and_its_gap_holds() -> None:
 def test_a_newer_record_version_holds_until_a_sink_that_reads_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     consumer, store = FakeConsumer(), FakeStore()
     consumer.append(0, counted(0, "e0"))
-    newer = counted(1, "e1") | {"v": 2}  # type: ignore[operator]
+    newer_version = max(schemas.records.READABLE_VERSIONS) + 1
+    newer = counted(1, "e1") | {"v": newer_version}  # type: ignore[operator]
     consumer.append(0, newer)
     consumer.append(0, counted(2, "e2"))
     with Running(consumer, store) as old:
@@ -302,8 +303,9 @@ def test_a_newer_record_version_holds_until_a_sink_that_reads_it_runs(monkeypatc
         time.sleep(0.1)
         assert store.applied == {("T", 0): 0}
         assert consumer.committed.get(0, 0) <= 1
-    # The upgraded sink reads version 2: it resumes from the commit and applies the rest.
-    monkeypatch.setattr(schemas.records, "READABLE_VERSIONS", frozenset({1, 2}))
+    # The upgraded sink reads the newer version: it resumes from the commit and applies the rest.
+    readable = schemas.records.READABLE_VERSIONS | {newer_version}
+    monkeypatch.setattr(schemas.records, "READABLE_VERSIONS", readable)
     consumer.position[0] = consumer.committed.get(0, 0)
     with Running(consumer, store) as new:
         until(lambda: store.applied == {("T", 0): 2})

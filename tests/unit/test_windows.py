@@ -112,3 +112,35 @@ def test_other_types_are_stored_but_not_metered() -> None:
     out = run(event)
     assert out.windows["windows"] == []
     assert out.windows["events"]["status"] == ["not_metered"]
+
+
+def test_costs_past_64_bits_of_atto_dollars_travel_exactly() -> None:
+    """A call costing USD 20 (2e19 atto-dollars), and three of USD 7 in one window (each fits in 64 bits,
+    their sum does not): the record is written (orjson cannot write such integers) and read back exact."""
+    from decimal import Decimal
+
+    from schemas.records import BIG_AMOUNTS_VERSION, RECORD_VERSION, atto, decode_windows, encode
+    from sinks.apply import plan_batch
+
+    def price(tokens: int) -> Decimal:
+        return calc_price(
+            Usage(output_tokens=tokens), "gpt-4o", provider_id="openai", genai_request_timestamp=T0
+        ).total_price
+
+    big = [accepted(1, subject="big", output_tokens=2_000_000, input_tokens=0)]
+    three = [accepted(i, subject="three", output_tokens=700_000, input_tokens=0) for i in (2, 3, 4)]
+    for events in (big, three):
+        for e in events:
+            e["model"] = "gpt-4o"
+        out = run(*events)
+        assert out.windows["v"] == BIG_AMOUNTS_VERSION
+        back = decode_windows(encode(out.windows))
+        (window,) = back["windows"]
+        assert from_atto(atto(window["cost_atto"])) == price(2_000_000 if events is big else 700_000) * len(events)
+        costs = [from_atto(atto(c)) for c in back["events"]["cost_atto"] if c is not None]
+        assert costs == [price(2_000_000 if events is big else 700_000)] * len(events)
+        plan = plan_batch([back], {("T", 2): 40}, lambda keys: {}, {})
+        (totals,) = plan.windows.values()
+        assert from_atto(totals.cost_atto) == sum(costs, Decimal(0))
+    # Every other record keeps the first version, readable by readers that know no other.
+    assert run(accepted(5)).windows["v"] == RECORD_VERSION == 1
