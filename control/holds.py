@@ -199,6 +199,10 @@ class ReservationService:
         tokens, call = self.bound(inp.provider, inp.model, inp.request, self._control.now(), inp.extraInputTokens)
         return tokens, call.cost()
 
+    async def subject_key(self, id_or_key: str) -> str:
+        """The key of the subject named by its id or key (``ControlService.subject_key``)."""
+        return await self._control.subject_key(id_or_key)
+
     def windows_stored(
         self, changes: Sequence[WindowChange], versions: Mapping[str, tuple[Hashable, Hashable]]
     ) -> None:

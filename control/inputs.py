@@ -143,7 +143,7 @@ class ExpirationIn(_In):
 
 
 class GrantIn(_In):
-    amount: Amount
+    amount: Annotated[Decimal, Field(gt=0, allow_inf_nan=False, max_digits=60, decimal_places=18)]
     priority: Priority = 1
     effectiveAt: Time
     expiration: ExpirationIn

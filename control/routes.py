@@ -380,8 +380,23 @@ def control_routes(service: ControlService) -> list[Route]:
     # One Route per path with all its methods (a Route per method would answer 405 for the others).
     by_path: dict[str, dict[str, Handler]] = {}
     for path, method, handler in table:
-        by_path.setdefault(path, {})[method] = _guard(handler)
+        # (The subject's own routes look ids up themselves.)
+        keyed = _by_subject_id(service.subject_key, handler) if path.startswith(f"{s}/") else handler
+        by_path.setdefault(path, {})[method] = _guard(keyed)
     return [Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()]
+
+
+def _by_subject_id(resolve: Callable[[str], Awaitable[str]], handler: Handler) -> Handler:
+    """``handler`` with its ``{subject}`` path parameter, an id or a key (OpenMeter's ``subjectIdOrKey``),
+    made the subject's key."""
+
+    @functools.wraps(handler)
+    async def by_key(request: Request) -> Response:
+        params = request.scope["path_params"]
+        params["subject"] = await resolve(params["subject"])
+        return await handler(request)
+
+    return by_key
 
 
 def _dispatch(methods: dict[str, Handler]) -> Handler:
@@ -468,7 +483,7 @@ def reservation_routes(holds: ReservationService) -> list[Route]:
         return _json(render.estimate(tokens, cost))
 
     table: list[tuple[str, str, Handler]] = [
-        ("/api/v1/subjects/{subject}/reservations", "POST", reserve),
+        ("/api/v1/subjects/{subject}/reservations", "POST", _by_subject_id(holds.subject_key, reserve)),
         ("/api/v1/reservations/{reservationId}", "GET", get_reservation),
         ("/api/v1/reservations/{reservationId}/commit", "POST", commit),
         ("/api/v1/reservations/{reservationId}/release", "POST", release),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -53,6 +54,8 @@ from schemas.query import MeterQuery
 ZERO = Decimal(0)
 #: Tries at reading the usage and the applied offsets as one snapshot.
 SNAPSHOT_ATTEMPTS: Final = 3
+#: A ULID as Meterstream writes ids (Crockford base32, 26 characters).
+_ULID: Final = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 #: How a grant that never expires (the one issueAfterReset makes) is shown, as OpenMeter shows it.
 NEVER = ("YEAR", 100)
 
@@ -278,6 +281,21 @@ class ControlService:
             if id_or_key in (key, stable_ulid(f"subject:{key}")):
                 return self._seen_subject(key, first)
         raise not_found(f"subject {id_or_key}")
+
+    async def subject_key(self, id_or_key: str) -> str:
+        """The key of the subject a path names by its id or its key (OpenMeter's ``subjectIdOrKey``): an id
+        is a ULID, so anything else is taken as a key without a lookup; a ULID that is no subject's id is a
+        key too (keys may look like ULIDs)."""
+        if not _ULID.fullmatch(id_or_key):
+            return id_or_key
+        async with self.store.tx() as tx:
+            subject = await tx.subject(id_or_key)
+        if subject is not None:
+            return subject.key
+        for key, _ in await asyncio.to_thread(self._usage.usage_subjects):
+            if stable_ulid(f"subject:{key}") == id_or_key:
+                return key
+        return id_or_key
 
     async def delete_subject(self, id_or_key: str) -> None:
         """Removes the subject's record (display name, metadata); its usage and entitlements stay."""

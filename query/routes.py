@@ -194,7 +194,8 @@ def query_routes(
             return problem_response(Problem(403, f"this portal token may not read meter {meter.slug}"))
         try:
             raw = from_query_string(request.query_params.multi_items())
-            raw.pop("subject", None)
+            # As the same query by subject answers (and OpenMeter's portal): rows name the subject.
+            raw["subject"] = [subject]
             query = build_query(meter, raw)
         except Problem as problem:
             return problem_response(problem)
