@@ -12,17 +12,18 @@ A ``charset`` parameter is accepted if it names UTF-8. A request is accepted or 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 from cloudevents.exceptions import GenericException as CloudEventsSdkError
 from cloudevents.http import from_http
 from pydantic import ValidationError
 
-from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH, CloudEvent, check_event_time, to_micros
+from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH, CloudEvent, check_event_time, has_float, to_micros
 from schemas.problems import FieldError, Problem
 from schemas.records import AcceptedEvent
 from schemas.usage import UsageError, canonical_provider, normalize_usage, resolve_model
@@ -70,15 +71,15 @@ def parse_request(headers: Mapping[str, str], body: bytes, policy: IngestPolicy,
     kind = media_type(headers.get("content-type"))
     binary = any(key.lower() == "ce-specversion" for key in headers)
     if kind == STRUCTURED:
-        return _accept([_validate_one(body)], policy, now, batch=False)
+        return _accept([_validate_one(body)], policy, now, batch=False, exact=_ExactData(body, "event"))
     if kind == BATCH:
         return _accept_batch(body, policy, now, allow_empty=True)
     if binary:
-        return _accept([_from_binary(headers, body)], policy, now, batch=False)
+        return _accept([_from_binary(headers, body)], policy, now, batch=False, exact=_ExactData(body, "data"))
     if kind == JSON:
         if body.lstrip().startswith(b"["):
             return _accept_batch(body, policy, now, allow_empty=False)
-        return _accept([_validate_one(body)], policy, now, batch=False)
+        return _accept([_validate_one(body)], policy, now, batch=False, exact=_ExactData(body, "event"))
     raise Problem(415, f"unsupported Content-Type {kind!r}: send {STRUCTURED}, {BATCH} or {JSON}")
 
 
@@ -124,7 +125,27 @@ def _accept_batch(body: bytes, policy: IngestPolicy, now: datetime, *, allow_emp
             except Problem as problem:
                 errors.extend(problem.errors)
         raise _problem(sorted(errors, key=lambda e: e.index or 0)) from None
-    return _accept(events, policy, now, batch=True)
+    return _accept(events, policy, now, batch=True, exact=_ExactData(body, "batch"))
+
+
+class _ExactData:
+    """The ``data`` of a request's events with every number as it was written. The validated events hold
+    numbers with a fraction or an exponent as floats, which would store ``1234567890.123456789`` as
+    ``1234567890.1234567``; the audit log keeps ``data`` as sent (user meters read their values from it), so
+    such an event's data is read again from the body, its numbers kept as their own text. Parsed only for a
+    request with such a number, once."""
+
+    def __init__(self, body: bytes, shape: Literal["event", "batch", "data"]) -> None:
+        self._body, self._shape = body, shape
+        self._parsed: Any = None
+
+    def of(self, index: int) -> Any:
+        if self._parsed is None:
+            # (orjson has already refused what JSON does not allow, NaN and Infinity among them.)
+            self._parsed = json.loads(self._body, parse_float=orjson.Fragment)
+        if self._shape == "batch":
+            return self._parsed[index]["data"]
+        return self._parsed["data"] if self._shape == "event" else self._parsed
 
 
 def _from_binary(headers: Mapping[str, str], body: bytes) -> CloudEvent:
@@ -171,7 +192,13 @@ def _problem(errors: list[FieldError]) -> Problem:
 
 
 def _accept(
-    events: list[CloudEvent], policy: IngestPolicy, now: datetime, *, batch: bool, offset: int = 0
+    events: list[CloudEvent],
+    policy: IngestPolicy,
+    now: datetime,
+    *,
+    batch: bool,
+    offset: int = 0,
+    exact: _ExactData | None = None,
 ) -> list[AcceptedEvent]:
     received_us = to_micros(now)
     accepted: list[AcceptedEvent] = []
@@ -184,7 +211,10 @@ def _accept(
             continue
         try:
             # Text, not a tree: the processor passes it through to the audit log without parsing it.
-            data = orjson.dumps(event.data).decode()
+            value = event.data
+            if exact is not None and has_float(value):
+                value = exact.of(index - offset)
+            data = orjson.dumps(value).decode()
         except TypeError:  # the only value JSON parsing gives that orjson cannot write: an int past 64 bits
             errors.append(FieldError("data", "numbers in data must fit in 64 bits; send larger ones as strings", where))
             continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,7 @@ from starlette.routing import Route
 
 from query.params import build_query, from_query_string
 from query.render import rfc3339, to_csv, to_json, wants_csv
+from schemas.events import has_float
 from schemas.meters import METERS, Meter, UserMeter, find_meter
 from schemas.money import format_usd
 from schemas.problems import PROBLEM_JSON, Problem, bad
@@ -386,6 +388,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 def _ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
     data = orjson.loads(row["data"])
+    if has_float(data):
+        # As it was written (the audit log keeps the text): a float would show 1234567890.123456789 rounded.
+        data = json.loads(row["data"], parse_float=orjson.Fragment)
     event: dict[str, Any] = {
         "specversion": "1.0",
         "id": row["id"],

@@ -67,3 +67,15 @@ def to_micros(time: datetime) -> int:
 
 def from_micros(micros: int) -> datetime:
     return EARLIEST_EVENT_TIME + timedelta(microseconds=micros)
+
+
+def has_float(value: Any) -> bool:
+    """Whether parsed JSON holds a number with a fraction or an exponent (parsed as a float, it may have lost
+    digits: read the text again, keeping such numbers as written, where they must stay exact)."""
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_float(v) for v in value)
+    return False

@@ -221,6 +221,8 @@ _USER_AGGREGATES: Final[Mapping[str, str]] = {
     # The value of the latest event; ties in time broken by the event id, so the answer is deterministic.
     "LATEST": "argMaxIf(v, (t, id), v IS NOT NULL)",
 }
+#: A user meter's values are below this in magnitude (see _user_rows).
+_VALUE_LIMIT: Final = f"toDecimal256('1{'0' * 40}', 18)"
 #: The statuses whose events are in no meter: too late, or from a record that could not be processed.
 _NOT_METERED: Final = "('late', 'failed')"
 
@@ -243,10 +245,12 @@ def _user_rows(query: MeterQuery, meter: UserMeter, params: dict[str, Any]) -> t
     if meter.value_property is not None:
         params["vp"] = meter.value_property
         columns.append("JSON_VALUE(data, {vp:String}) AS vs")
-        columns.append("toDecimal128OrNull(vs, 18) AS v")
+        # Decimal(76, 18), values below 10^40 in magnitude: a sum of them cannot overflow (ClickHouse's decimal
+        # sums wrap around without an error) short of 10^18 events; larger ones are left out, as not a number.
+        columns.append(f"if(abs(toDecimal256OrNull(vs, 18) AS p) < {_VALUE_LIMIT}, p, NULL) AS v")
     else:
         columns.append("'' AS vs")
-        columns.append("CAST(NULL, 'Nullable(Decimal(38, 18))') AS v")
+        columns.append("CAST(NULL, 'Nullable(Decimal(76, 18))') AS v")
     column_of = {"subject": "subject"} | {key: f"g{i}" for i, key in enumerate(keys)}
     filters = _filters(query, params, column_of)
     rows = f"SELECT {', '.join(columns)} FROM usage_events FINAL WHERE {' AND '.join(where)}"

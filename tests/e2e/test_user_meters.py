@@ -9,7 +9,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Iterator
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -286,6 +286,60 @@ def test_every_aggregation_equals_the_ground_truth(stack: LocalStack) -> None:
     assert answer(stack, "api_latency_max", "DAY") == truth(events, "MAX", "DAY")
     r = httpx.delete(f"{stack.url}/api/v1/meters/api_latency_max", timeout=10)
     assert r.status_code == 409 and "meters file" in r.json()["detail"]
+
+
+def test_large_and_precise_values_are_exact(stack: LocalStack) -> None:
+    """Sums past Decimal(38, 18) (1.7e20) do not wrap around, values up to 1e40 count, a numeric string keeps
+    18 decimal places; a JSON number with a fraction is read as the engine reads JSON numbers (a double: 17
+    significant digits), while the audit log keeps it as it was written; a value of 1e40 or more is left out
+    like one that is not a number."""
+    raw = ["18446744073709551615"] * 10 + ['"99999999999999999999"', "1e+30", '"-1e39"', '"1234567890.123456789"']
+    raw += ['"0.1234567890123456789012"', "1e40", "2E-5", "1234567890.123456789"]
+
+    def read(text: str) -> Decimal:
+        if text.startswith('"'):
+            return Decimal(text.strip('"'))
+        return Decimal(text) if text.isdigit() else Decimal(repr(float(text)))
+
+    for aggregation in ("SUM", "AVG", "MIN", "MAX", "COUNT"):
+        body: dict[str, Any] = {"slug": f"big_{aggregation.lower()}", "eventType": "big", "aggregation": aggregation}
+        if aggregation != "COUNT":
+            body["valueProperty"] = "$.v"
+        r = httpx.post(f"{stack.url}/api/v1/meters", json=body, timeout=10)
+        assert r.status_code == 201, r.text
+    at = iso(dt.datetime.now(UTC) - dt.timedelta(minutes=5))
+    head = '{"specversion":"1.0","source":"big","type":"big","subject":"s","time":"%s"' % at  # noqa: UP031
+    batch = ",".join(f'{head},"id":"big-{i}","data":{{"v":{text}}}}}' for i, text in enumerate(raw))
+    r = httpx.post(
+        f"{stack.url}/api/v1/events",
+        content=f"[{batch}]",
+        headers={"Content-Type": "application/cloudevents-batch+json"},
+        timeout=30,
+    )
+    assert r.status_code == 204, r.text
+    stored(stack, "big_count", len(raw))
+    with localcontext() as wide:
+        wide.prec = 100  # the default 28 digits cannot hold 1e39 to 18 decimal places
+        counted = [
+            read(t).quantize(Decimal("1e-18"), rounding=ROUND_DOWN) for t in raw if abs(read(t)) < Decimal("1e40")
+        ]
+        total = sum(counted, Decimal(0))
+        expected = {
+            "sum": total,
+            "avg": (total / len(counted)).quantize(Decimal("1e-18"), rounding=ROUND_DOWN),
+            "min": min(counted),
+            "max": max(counted),
+        }
+        for name, want in expected.items():
+            r = httpx.get(f"{stack.url}/api/v1/meters/big_{name}/query", timeout=30)
+            assert r.status_code == 200, r.text
+            (row,) = json.loads(r.text, parse_float=Decimal, parse_int=Decimal)["data"]
+            assert row["value"] == want, name
+    # The audit log keeps the numbers as they were written.
+    r = httpx.get(f"{stack.url}/api/v1/events", params={"subject": "s", "limit": 100}, timeout=30)
+    stored_values = {e["event"]["id"]: e["event"]["data"]["v"] for e in json.loads(r.text, parse_float=Decimal)}
+    assert stored_values["big-17"] == Decimal("1234567890.123456789")
+    assert stored_values["big-16"] == Decimal("2E-5")
 
 
 def test_bad_definitions_name_the_field(stack: LocalStack) -> None:

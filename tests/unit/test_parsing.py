@@ -263,3 +263,29 @@ def test_litellm_events_without_usage_count_zero_tokens_and_bad_counts_are_a_400
     # Turned off (the default policy here): the same event is stored, not metered.
     (plain,) = parse_request(headers, litellm_event({"model": "gpt-4o-mini", "prompt_tokens": 1}), POLICY, NOW)
     assert "usage" not in plain
+
+
+@pytest.mark.parametrize(
+    ("headers", "shape"),
+    [
+        ({"content-type": "application/cloudevents+json"}, "event"),
+        ({"content-type": "application/json"}, "event"),
+        ({"content-type": "application/cloudevents-batch+json"}, "batch"),
+        ({"content-type": "application/json"}, "batch"),
+        (
+            {"content-type": "application/json", "ce-specversion": "1.0", "ce-id": "b", "ce-source": "s"}
+            | {"ce-type": "t", "ce-subject": "x", "ce-time": "2026-01-15T11:00:00Z"},
+            "data",
+        ),
+    ],
+)
+def test_numbers_in_data_are_stored_as_they_were_written(headers: dict[str, str], shape: str) -> None:
+    """A float would keep 17 significant digits: 1234567890.123456789 would be stored as 1234567890.1234567."""
+    data = b'{"v":1234567890.123456789,"w":[0.1234567890123456789012,1E-5,2e3],"n":5,"s":"1.5","f":0.5}'
+    event = b'{"specversion":"1.0","id":"a","source":"s","type":"t","subject":"x","data":' + data + b"}"
+    plain = b'{"specversion":"1.0","id":"p","source":"s","type":"t","subject":"x","data":{"n":1}}'
+    body = {"event": event, "batch": b"[" + plain + b"," + event + b"]", "data": data}[shape]
+    accepted = parse_request(headers, body, POLICY, NOW)
+    assert accepted[-1]["data"] == data.decode()
+    if shape == "batch":
+        assert accepted[0]["data"] == '{"n":1}'
