@@ -48,7 +48,9 @@ _EVENT_VALUE: Final[Mapping[str, str]] = {
 #: DST and in zones where a day starts at 01:00 (a fixed +1 day interval would not).
 _BUCKETS: Final[Mapping[WindowSize, tuple[str, str]]] = {
     WindowSize.MINUTE: ("{ts}", "{start} + 60"),
-    WindowSize.HOUR: ("toStartOfHour({ts}, {{tz:String}})", "{start} + 3600"),
+    # The minute's local hour start, by its local minute (the minute is whole): toStartOfHour puts a zone's
+    # hours half an hour off for the rest of a day whose DST change is 30 minutes (Australia/Lord_Howe).
+    WindowSize.HOUR: ("{ts} - toMinute({ts}, {{tz:String}}) * 60", "{start} + 3600"),
     WindowSize.DAY: (
         "toStartOfDay({ts}, {{tz:String}})",
         "toDateTime(toDate({start}, {{tz:String}}) + 1, {{tz:String}})",

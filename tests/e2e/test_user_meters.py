@@ -342,6 +342,38 @@ def test_large_and_precise_values_are_exact(stack: LocalStack) -> None:
     assert stored_values["big-16"] == Decimal("2E-5")
 
 
+@pytest.mark.parametrize("zone", ["Australia/Lord_Howe", "Asia/Kathmandu"])
+def test_hours_in_zones_with_half_hour_changes_and_offsets(stack: LocalStack, zone: str) -> None:
+    """Local hours start at the local hour, the day after Lord Howe's 30-minute DST change too (2026-04-04
+    15:00Z), and in a +05:45 zone."""
+    slug = f"hours_{zone.split('/')[1].lower()}"
+    body = {"slug": slug, "eventType": slug, "aggregation": "COUNT"}
+    assert httpx.post(f"{stack.url}/api/v1/meters", json=body, timeout=10).status_code == 201
+    first = dt.datetime(2026, 4, 5, 11, 0, tzinfo=UTC)
+    times = [first + dt.timedelta(minutes=10 * i) for i in range(24)]
+    events = [
+        {"specversion": "1.0", "id": f"{slug}-{i}", "source": "t", "type": slug, "subject": "s", "time": iso(t)}
+        for i, t in enumerate(times)
+    ]
+    ingest(stack, events)
+    stored(stack, slug, len(events))
+    expected: dict[tuple[dt.datetime, dt.datetime], Decimal] = defaultdict(Decimal)
+    for t in times:
+        start = t.astimezone(ZoneInfo(zone)).replace(minute=0).astimezone(UTC)
+        expected[(start, start + dt.timedelta(hours=1))] += 1
+    params = {"windowSize": "HOUR", "windowTimeZone": zone, "from": iso(first - dt.timedelta(hours=1))}
+    r = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query", params=params, timeout=30)
+    assert r.status_code == 200, r.text
+    got = {
+        (
+            dt.datetime.fromisoformat(row["windowStart"]).astimezone(UTC),
+            dt.datetime.fromisoformat(row["windowEnd"]).astimezone(UTC),
+        ): Decimal(str(row["value"]))
+        for row in r.json()["data"]
+    }
+    assert got == expected
+
+
 def test_bad_definitions_name_the_field(stack: LocalStack) -> None:
     cases = [
         ({"slug": "Bad Slug", "eventType": "x", "aggregation": "SUM", "valueProperty": "$.v"}, "slug"),

@@ -142,7 +142,7 @@ class TestSql:
         ("window", "fragment"),
         [
             ("MINUTE", "SELECT window_start AS _ws, _ws + 60 AS _we"),
-            ("HOUR", "toStartOfHour(window_start, {tz:String}) AS _ws"),
+            ("HOUR", "window_start - toMinute(window_start, {tz:String}) * 60 AS _ws"),
             ("DAY", "toDateTime(toDate(_ws, {tz:String}) + 1, {tz:String}) AS _we"),
             ("MONTH", "addMonths(toStartOfMonth(_ws, {tz:String}), 1)"),
         ],
