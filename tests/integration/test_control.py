@@ -37,7 +37,9 @@ MINUTE = timedelta(minutes=1)
 
 @pytest.fixture
 async def service(postgres_dsn: str, ch: ClickHouse) -> AsyncIterator[ControlService]:
-    store = PostgresStore(postgres_dsn, max_size=10)
+    # Some tests run 30 requests at once on these 10 connections: under CI's load (three test workers on two
+    # cores) one once waited past the default 2 s for a connection. They test the rules, not overload.
+    store = PostgresStore(postgres_dsn, max_size=10, timeout_s=10)
     await store.open()
     yield ControlService(store, MeterReader(ch), default_plan="free")
     await store.close()
