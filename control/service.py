@@ -284,18 +284,15 @@ class ControlService:
 
     async def subject_key(self, id_or_key: str) -> str:
         """The key of the subject a path names by its id or its key (OpenMeter's ``subjectIdOrKey``): an id
-        is a ULID, so anything else is taken as a key without a lookup; a ULID that is no subject's id is a
-        key too (keys may look like ULIDs)."""
+        is a ULID, so anything else is taken as a key without a lookup; a ULID that is no stored subject's id
+        is a key too (keys may well be ULIDs). Only stored subjects (``POST /api/v1/subjects``) are found by
+        id here: a subject known only from its usage would need a scan of every subject on each request of
+        an app whose keys look like ULIDs."""
         if not _ULID.fullmatch(id_or_key):
             return id_or_key
         async with self.store.tx() as tx:
             subject = await tx.subject(id_or_key)
-        if subject is not None:
-            return subject.key
-        for key, _ in await asyncio.to_thread(self._usage.usage_subjects):
-            if stable_ulid(f"subject:{key}") == id_or_key:
-                return key
-        return id_or_key
+        return subject.key if subject is not None else id_or_key
 
     async def delete_subject(self, id_or_key: str) -> None:
         """Removes the subject's record (display name, metadata); its usage and entitlements stay."""
