@@ -27,6 +27,7 @@ from decimal import Decimal
 from typing import Final
 
 from schemas.meters import WindowChange
+from schemas.money import EXACT
 
 MINUTE: Final = timedelta(minutes=1)
 
@@ -132,5 +133,5 @@ def _advanced(kept: _Kept, before: Hashable, changes: Sequence[WindowChange]) ->
             continue
         if segment < 0:
             return None
-        usage[segment] += change.value(kept.segments.column)
+        usage[segment] = EXACT.add(usage[segment], change.value(kept.segments.column))  # (28 digits would round)
     return usage

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Literal
 
+from schemas.money import from_atto
 from schemas.problems import bad
 from schemas.times import parse_time
 
@@ -47,7 +48,7 @@ class WindowChange:
     def value(self, column: str) -> Decimal:
         """The change of a built-in meter's column (``cost_usd`` in USD, exact)."""
         if column == "cost_usd":
-            return Decimal(self.cost_atto).scaleb(-18)
+            return from_atto(self.cost_atto)
         return Decimal(self.counts[WINDOW_COUNTS.index(column)])
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from decimal import Context, Decimal
 from typing import Final
 
-#: Wide enough for any Decimal(38, 18) value, so conversions never round.
-_EXACT: Final = Context(prec=60)
+#: Wide enough for any Decimal(38, 18) value, so conversions, and sums of such values, never round.
+EXACT: Final = Context(prec=60)
 
 
 def to_atto(amount: str | Decimal) -> int:
@@ -18,20 +18,20 @@ def to_atto(amount: str | Decimal) -> int:
     Raises:
         ValueError: the amount has more than 18 decimal places.
     """
-    scaled = Decimal(amount).scaleb(18, _EXACT)
-    if scaled != scaled.to_integral_value(context=_EXACT):
+    scaled = Decimal(amount).scaleb(18, EXACT)
+    if scaled != scaled.to_integral_value(context=EXACT):
         raise ValueError(f"{amount} has more than 18 decimal places")
     return int(scaled)
 
 
 def round_to_atto(amount: Decimal) -> int:
     """USD in atto-dollars, rounded half-even below 1e-18 (only per-second or per-hour prices need it)."""
-    return int(Decimal(amount).scaleb(18, _EXACT).to_integral_value(context=_EXACT))
+    return int(Decimal(amount).scaleb(18, EXACT).to_integral_value(context=EXACT))
 
 
 def from_atto(atto: int) -> Decimal:
     """Atto-dollars as USD, exactly (e.g. 450_000_000_000_000 -> Decimal('0.000450000000000000'))."""
-    return Decimal(atto).scaleb(-18, _EXACT)
+    return Decimal(atto).scaleb(-18, EXACT)
 
 
 def format_usd(amount: Decimal) -> str:
