@@ -36,6 +36,7 @@ from control.alerts.delivery import Deliverer
 from control.alerts.service import AlertService
 from control.holds import ReservationService, UsageClock
 from control.keys import KeyService
+from control.meters import CACHE_S as METERS_CACHE_S
 from control.meters import MeterService, meters_from_file
 from control.postgres.store import PostgresStore
 from control.routes import access_routes, alert_routes, control_routes, meter_routes, reservation_routes
@@ -353,7 +354,30 @@ def run_processor(settings: ProcessorSettings) -> None:
 def _sink_parts(settings: SinkSettings) -> tuple[ClickHouse, Sink, MeterReader]:
     ch = ClickHouse(settings.clickhouse)
     migrate(ch)
-    return ch, Sink(settings, WindowStore(ch)), MeterReader(ch)
+    store = WindowStore(ch)
+    return ch, Sink(settings, store, meter_store=store.meters), MeterReader(ch)
+
+
+async def _feed_meters(sink: Sink, meters: MeterService) -> None:
+    """Keep the sink's user meters current: a meter made through the API is aggregated within a second or
+    so (events stored before are backfilled; nothing is missed in between)."""
+    while True:
+        try:
+            sink.user_meters = tuple(await meters.user_meters())
+        except Exception as exc:  # PostgreSQL away before the first read: the meters as last known
+            log.warning("meterstream: cannot read the user meters for the sink (%s)", exc)
+        await asyncio.sleep(METERS_CACHE_S)
+
+
+@asynccontextmanager
+async def _feeding(sink: Sink, meters: MeterService) -> AsyncIterator[None]:
+    task = asyncio.create_task(_feed_meters(sink, meters))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.contextmanager
@@ -391,7 +415,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         thread.start()
         try:
-            async with _opened(store), relaying(control.holds), alerting(control.alerts):
+            async with _opened(store), relaying(control.holds), alerting(control.alerts), _feeding(sink, meters):
                 with _engine_memory_metrics(ch):
                     yield
         finally:
@@ -515,7 +539,7 @@ def local_app(local: LocalSettings) -> Starlette:
         sink_thread.start()
         await processor.start()
         try:
-            async with _opened(store), relaying(control.holds), alerting(control.alerts):
+            async with _opened(store), relaying(control.holds), alerting(control.alerts), _feeding(sink, meters):
                 if local.auth.enabled and store is not None:
                     await _local_admin_key(KeyService(store), data_dir / "admin.key")
                 log.info(

@@ -50,6 +50,10 @@ class Reader(Protocol):
 
     def accept_gap(self, topic_id: str, partition: int, first: int, last: int, reason: str) -> None: ...
 
+    def states_ready(self, meter: UserMeter) -> bool: ...
+
+    def backfill_progress(self, meter: UserMeter) -> tuple[int, int]: ...
+
 
 class Catalog(Protocol):
     """Where the user-defined meters come from (the built-in ones are always there)."""
@@ -104,7 +108,18 @@ def query_routes(
         meter = await meters.find(request.path_params["meter"])
         if meter is None:
             return problem_response(Problem(404, f"meter not found: {request.path_params['meter']}"))
-        return _json(describe(meter))
+        body = describe(meter)
+        if isinstance(meter, UserMeter):
+            # How its queries are answered: from its states kept by the sink, or from the audit log while
+            # they are backfilled (events in the states / events stored).
+            annotations = body["annotations"]
+            if await asyncio.to_thread(reader.states_ready, meter):
+                annotations["meterstream.states"] = "ready"
+            else:
+                done, total = await asyncio.to_thread(reader.backfill_progress, meter)
+                annotations["meterstream.states"] = "backfilling"
+                annotations["meterstream.backfill"] = f"{done}/{total}"
+        return _json(body)
 
     async def group_values(request: Request) -> Response:
         """OpenMeter's discovery: the subjects, or one group-by key's values, of a meter's events."""

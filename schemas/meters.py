@@ -160,8 +160,9 @@ _JSONPATH: Final = re.compile(r"^\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d{1,6}\]|\['[^
 
 @dataclass(frozen=True, slots=True)
 class UserMeter:
-    """A meter a user defined (in the meters file or through the API). Computed from the audit log of
-    deduplicated events at query time, so it covers every event of its type stored before it was made."""
+    """A meter a user defined (in the meters file or through the API). The sink aggregates it from the
+    deduplicated audit log into 1-minute states, from the first event of its type on (so it covers events
+    stored before it was made); until those states are caught up it is answered from the audit log."""
 
     id: str
     slug: str
@@ -182,6 +183,14 @@ class UserMeter:
     @property
     def group_keys(self) -> tuple[str, ...]:
         return ("subject", *self.group_by)
+
+    @property
+    def state_id(self) -> str:
+        """The key of this meter's pre-aggregated states: it changes with anything that changes what they
+        hold (an edit of ``groupBy``, a new meter under a deleted one's slug), so stale states are never read."""
+        meaning = [self.id, self.event_type, self.aggregation, self.value_property, list(self.group_by.items())]
+        meaning.append(None if self.event_from is None else self.event_from.isoformat())
+        return hashlib.sha256(repr(meaning).encode()).hexdigest()[:24]
 
     def to_api(self) -> dict[str, Any]:
         """The meter as OpenMeter's v1 API shows it (``Meter`` in the spec)."""

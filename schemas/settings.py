@@ -276,6 +276,9 @@ class SinkSettings(_Service):
     #: reported blocked (readiness, metric, error log), still held, until the record comes or an operator
     #: runs ``meterstream accept-gap``.
     gap_wait_s: float = Field(default=120.0, gt=0)
+    #: A user meter's history (events stored before it was made) is aggregated this many audit rows at a
+    #: time, one chunk between two batches, so the stream is never held up for long.
+    backfill_chunk_rows: int = Field(default=200_000, ge=1)
     host: str = "127.0.0.1"
     #: HTTP port for health, metrics and the query API (0: none).
     port: int = Field(default=8889, ge=0, le=65535)

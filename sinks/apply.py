@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from schemas.meters import WINDOW_COUNTS
+from schemas.meters import WINDOW_COUNTS, UserMeter
 from schemas.records import AuditColumns, WindowsRecord, atto
 
 #: (source, id) of an event.
@@ -29,6 +29,21 @@ Coords = tuple[str, int, int, int]
 WindowKey = tuple[str, str, str, int]
 #: (events topic id, partition).
 Source = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class MeterStep:
+    """Bring ``meter``'s states up to offset ``upto`` of each source partition of ``ranges`` (from where its
+    marker stands); ``caught_up``: ``upto`` is the partition's applied offset (its backfill is done)."""
+
+    meter: UserMeter
+    ranges: tuple[tuple[Source, int, bool], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    offset: int
+    caught_up: bool
 
 
 @dataclass(slots=True)

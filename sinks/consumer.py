@@ -20,6 +20,13 @@ Nothing is skipped silently:
   whole record in the dead-letter topic with the reason; the chain goes on.
 * **Versions.** A record of a version this release does not read (a newer processor) holds its partition
   as a gap does, reported at once, until a sink that reads it is deployed (see ``schemas.records``).
+
+User meters (``user_meters``, kept current by the process's entry point) are aggregated here into 1-minute
+states from the audit rows of every batch, in the batch's own write (``sinks.clickhouse.meter_states``:
+exactly once by offset markers of their own). A meter whose states are behind its source partitions (new, or
+its events' history from before it was made) is first backfilled from the audit log, a chunk at a time
+between batches; the stream goes on meanwhile, and from the chunk that reaches a partition's applied offset
+on, that partition's events are aggregated with each batch: no gap, no overlap.
 """
 
 from __future__ import annotations
@@ -39,11 +46,11 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from prometheus_client import Counter, Gauge, Histogram
 from rbloom import Bloom
 
-from schemas.meters import WindowChange
+from schemas.meters import UserMeter, WindowChange
 from schemas.recent import RecentKeys
 from schemas.records import DeadLetterRecord, UnsupportedVersion, WindowsRecord, decode_windows, encode
 from schemas.settings import CONSUMER_FETCH_MAX_WAIT_MS, SinkSettings
-from sinks.apply import Coords, EventKey, Plan, Source, covered, plan_batch
+from sinks.apply import Coords, EventKey, Marker, MeterStep, Plan, Source, covered, plan_batch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,12 @@ LOOKUPS = Counter(
 )
 WRITE_FAILURES = Counter("meterstream_sink_write_failures_total", "Failed attempts to write a batch")
 STORAGE_UP = Gauge("meterstream_sink_storage_up", "1 if the last write or check reached ClickHouse")
+METER_STEPS = Counter(
+    "meterstream_sink_meter_steps_total", "User meters' states brought forward", ["kind"]
+)  # kind: "stream" (with a batch), "backfill" (a chunk of history)
+BACKFILLING = Gauge(
+    "meterstream_sink_meters_backfilling", "User meters whose states are behind a source partition this sink holds"
+)
 
 
 class Store(Protocol):
@@ -78,7 +91,17 @@ class Store(Protocol):
 
     def stored_keys(self, since: datetime) -> Iterator[EventKey]: ...
 
-    def write(self, plan: Plan, stored_at: datetime) -> None: ...
+    def write(self, plan: Plan, stored_at: datetime, meter_steps: Sequence[MeterStep] = ()) -> None: ...
+
+
+class MeterStore(Protocol):
+    """The user meters' states (``sinks.clickhouse.meter_states.MeterStates``)."""
+
+    def markers(self) -> dict[str, dict[Source, Marker]]: ...
+
+    def chunk_end(self, meter: UserMeter, source: Source, after: int, upto: int, max_rows: int) -> int: ...
+
+    def apply(self, steps: Sequence[MeterStep]) -> None: ...
 
 
 class KafkaConsumer(Protocol):
@@ -150,9 +173,20 @@ class Sink:
         store: Store,
         consumer: KafkaConsumer | None = None,
         dead_letters: DeadLetters | None = None,
+        meter_store: MeterStore | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
+        self._meter_store = meter_store
+        #: The user meters to aggregate (set by the entry point whenever they change; read once per batch).
+        self.user_meters: Sequence[UserMeter] = ()
+        #: Each meter's markers as stored (by state id), read again after any failure or reassignment.
+        self._meter_marks: dict[str, dict[Source, Marker]] = {}
+        self._meter_reload = True
+        self._backfill_after = 0.0
+        #: The windows partitions this sink holds (a source partition travels in the windows partition of
+        #: its number).
+        self._assigned: set[int] = set()
         self._recent: RecentKeys[EventKey, Coords] = RecentKeys(settings.recent_keys)
         # Every key stored within the dedupe horizon. A key it does not hold was certainly never stored,
         # so only its (rare) positives need the exact lookup in the audit log.
@@ -290,8 +324,10 @@ class Sink:
                 if batch and (events >= self._settings.batch_events or waited_ms >= self._settings.max_wait_ms):
                     self._flush(batch)
                     batch, events, oldest = [], 0, None
-                elif self._holds and time.monotonic() - self._tended >= 1.0:
-                    self._tend_holds()
+                else:
+                    if self._holds and time.monotonic() - self._tended >= 1.0:
+                        self._tend_holds()
+                    self._backfill()
             if batch:
                 self._flush(batch)
         finally:
@@ -339,6 +375,8 @@ class Sink:
             self._owns_all = len({p.partition for p in partitions}) >= self._settings.topics.partitions
             assigned = {p.partition for p in partitions}
             self._holds = {n: hold for n, hold in self._holds.items() if n in assigned}
+            self._assigned = assigned
+            self._meter_reload = True
         log.info("sink: assigned windows partitions %s", sorted(p.partition for p in partitions))
         self.ready.set()
 
@@ -347,6 +385,8 @@ class Sink:
             self._generation += 1
             self._owns_all = False
             revoked = {p.partition for p in partitions}
+            self._assigned -= revoked
+            self._meter_reload = True
             # Their held records were never committed past: the next owner reads them again.
             self._holds = {n: hold for n, hold in self._holds.items() if n not in revoked}
         self._set_blocked()
@@ -362,6 +402,9 @@ class Sink:
                 return
             with self._state_lock:
                 (self._applied, self._holes), self._reload, self._reload_keys = loaded, False, False
+        meters = self.user_meters
+        if meters and self._meter_reload and self._retrying(self._load_meter_marks) is _GAVE_UP:
+            return
         records = [record for _, record in batch]
         plan = self._plan(records)
         if plan is _GAVE_UP or generation != self._generation:
@@ -383,14 +426,20 @@ class Sink:
         stored_at = datetime.now(UTC)
         # Odd versions while the write is in flight, new even ones after it (whatever its outcome).
         touched = {_bucket(key[0]) for key in plan.windows}
+        steps = self._stream_steps(plan, meters)
         before = self._bump(touched)
         try:
-            if self._retrying(lambda: self._store.write(plan, stored_at)) is _GAVE_UP:
+            if steps:
+                written = self._retrying(lambda: self._store.write(plan, stored_at, meter_steps=steps))
+            else:
+                written = self._retrying(lambda: self._store.write(plan, stored_at))
+            if written is _GAVE_UP:
                 return
             with self._state_lock:
                 self._applied.update(plan.offsets)
         finally:
             after = self._bump(touched)
+        self._stepped(steps, "stream")
         self._tell_windows(plan, before, after)
         # Written: now (and only now) the windows-topic offsets may be committed, never at or past a held
         # record (a restart must read it again).
@@ -417,6 +466,80 @@ class Sink:
                 self.on_stored({key[0] for key in plan.windows})
             except Exception:
                 log.exception("sink: the stored-subjects listener failed")
+
+    def _load_meter_marks(self) -> None:
+        assert self._meter_store is not None
+        self._meter_marks = self._meter_store.markers()
+        self._meter_reload = False
+
+    def _stream_steps(self, plan: Plan, meters: Sequence[UserMeter]) -> list[MeterStep]:
+        """The user meters' states to write with ``plan``: for each meter, the plan's source partitions
+        where its states are up to the applied offset (the others are backfilled first)."""
+        if self._meter_store is None or self._meter_reload:
+            return []
+        steps = []
+        for meter in meters:
+            marks = self._meter_marks.get(meter.state_id, {})
+            ranges = tuple(
+                (source, upto, True)
+                for source, upto in plan.offsets.items()
+                if _offset(marks.get(source)) >= self._applied.get(source, -1)
+            )
+            if ranges:
+                steps.append(MeterStep(meter, ranges))
+        return steps
+
+    def _stepped(self, steps: Sequence[MeterStep], kind: str) -> None:
+        """Record what ``steps``, now stored, brought the markers to."""
+        for step in steps:
+            marks = self._meter_marks.setdefault(step.meter.state_id, {})
+            for source, upto, caught in step.ranges:
+                marks[source] = Marker(upto, caught)
+        if steps:
+            METER_STEPS.labels(kind).inc(len(steps))
+
+    def _backfill(self) -> None:
+        """One chunk of backfill, when a user meter's states are behind a source partition this sink holds
+        (between batches: the stream is never held up by more than one chunk). A failure is retried a second
+        later, from the markers as stored."""
+        meters, store = self.user_meters, self._meter_store
+        if not meters or store is None or self._reload or time.monotonic() < self._backfill_after:
+            return
+        generation = self._generation
+        try:
+            if self._meter_reload:
+                self._load_meter_marks()
+            owned = {s: a for s, a in self._applied.items() if s[1] in self._assigned}
+            behind = [
+                (meter, source, applied)
+                for meter in meters
+                for source, applied in sorted(owned.items())
+                if _offset(self._meter_marks.get(meter.state_id, {}).get(source)) < applied
+            ]
+            BACKFILLING.set(len({meter.state_id for meter, _, _ in behind}))
+            if not behind:
+                self._backfill_after = time.monotonic() + 1.0
+                return
+            meter, source, applied = behind[0]
+            after = _offset(self._meter_marks.get(meter.state_id, {}).get(source))
+            upto = store.chunk_end(meter, source, after, applied, self._settings.backfill_chunk_rows)
+            if generation != self._generation:
+                return
+            step = MeterStep(meter, ((source, upto, upto == applied),))
+            store.apply([step])
+        except Exception as exc:
+            log.warning("sink: a user meter's backfill failed (%s); retrying in 1s", exc)
+            self._meter_reload = True
+            self._backfill_after = time.monotonic() + 1.0
+            return
+        self._stepped([step], "backfill")
+        log.info(
+            "sink: meter %s backfilled to offset %d of %d in partition %s:%d",
+            meter.slug,
+            upto,
+            applied,
+            *source,
+        )
 
     def _plan(self, records: list[WindowsRecord]) -> Plan | Any:
         """``plan_batch`` with storage errors retried and poison records isolated: a record the planning
@@ -630,6 +753,10 @@ class Sink:
             return list(self._consumer.assignment())
         except Exception:
             return []
+
+
+def _offset(marker: Marker | None) -> int:
+    return -1 if marker is None else marker.offset
 
 
 class KafkaDeadLetters:

@@ -16,6 +16,7 @@ from typing import Any, Final, NamedTuple
 from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS, Meter, UserMeter
 from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow, WindowSize
 from sinks.clickhouse.connection import ClickHouse, is_embedded
+from sinks.clickhouse.meter_states import NOT_METERED, STATE_AGGREGATES, STATE_OF_EVENT, event_columns, event_where
 
 Sql = tuple[str, dict[str, Any]]
 
@@ -117,21 +118,36 @@ _APPLIED_JOIN: Final = (
 )
 
 
+Bounds = tuple[datetime | None, datetime | None]
+
+
+def _split(query: MeterQuery) -> tuple[Bounds | None, list[Bounds]]:
+    """A query's range as the whole UTC minutes inside it (None: there are none) and the partial minutes
+    at its edges (open ends are None)."""
+    start, end = _bounded(query.start), _bounded(query.end)
+    whole_from = _ceil_minute(start) if start else None
+    whole_to = _floor_minute(end) if end else None
+    if whole_from is not None and whole_to is not None and whole_from >= whole_to:
+        return None, [(start, end)]  # inside a minute or two partial ones: all from the audit log
+    edges: list[Bounds] = []
+    if start is not None and whole_from is not None and start < whole_from:
+        edges.append((start, whole_from))
+    if end is not None and whole_to is not None and whole_to < end:
+        edges.append((whole_to, end))
+    return (whole_from, whole_to), edges
+
+
 def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Meter]) -> _Rows:
     """The minute rows of a query's range, one value per meter of ``meters``. Whole minutes are read from the
     windows; partial minutes at the range's edges from the audit log, in a UNION (values ``v0, v1...``). A
     range of whole minutes (the common case) reads the windows table itself, without a subquery (its own
     columns): a third of a one-subject query's time here."""
     filters = _filters(query, params)
-    start, end = _bounded(query.start), _bounded(query.end)
-    whole_from = _ceil_minute(start) if start else None
-    whole_to = _floor_minute(end) if end else None
+    whole, edges = _split(query)
     parts: list[str] = []
-    edges: list[tuple[datetime | None, datetime | None]] = []
     windows_where = ""
-    if whole_from is not None and whole_to is not None and whole_from >= whole_to:
-        edges.append((start, end))  # inside a minute or two partial ones: all from the audit log
-    else:
+    if whole is not None:
+        whole_from, whole_to = whole
         where = ["subject != ''", *filters]
         if whole_from is not None:
             params["whole_from"] = whole_from
@@ -140,10 +156,6 @@ def _usage_union(query: MeterQuery, params: dict[str, Any], meters: Sequence[Met
             params["whole_to"] = whole_to
             where.append("window_start < {whole_to:DateTime('UTC')}")
         windows_where = " AND ".join(where)
-        if start is not None and whole_from is not None and start < whole_from:
-            edges.append((start, whole_from))
-        if end is not None and whole_to is not None and whole_to < end:
-            edges.append((whole_to, end))
     if windows_where and not edges:
         return _Rows(f"usage_windows WHERE {windows_where}", "window_start", [m.column for m in meters])
     if windows_where:
@@ -209,66 +221,102 @@ def _aggregated(
     )
 
 
-#: What each aggregation of a user meter computes from its rows (``v``: the value as an exact decimal, NULL
-#: when missing or not a number; ``vs``: the value as text; ``t`` the event time). A value that is missing
-#: or not a number is left out (never taken as 0); a window whose values all are has no row.
+#: What each aggregation of a user meter computes from its audit rows (``event_columns``: ``v`` the value as an
+#: exact decimal, NULL when missing or not a number; ``vs`` the value as text; ``t`` the event time): the same
+#: answers as ``STATE_AGGREGATES`` from the states. A value that is missing or not a number is left out (never
+#: taken as 0); a window whose values all are has no row.
 _USER_AGGREGATES: Final[Mapping[str, str]] = {
     "SUM": "sum(v)",
     "COUNT": "toDecimal128(count(), 0)",
-    # Exact: a decimal sum over the count, truncated at 18 decimal places (avg() would be a float).
     "AVG": "sum(v) / nullIf(count(v), 0)",
     "MIN": "min(v)",
     "MAX": "max(v)",
     "UNIQUE_COUNT": "toDecimal128(uniqExactIf(vs, vs != ''), 0)",
-    # The value of the latest event; ties in time broken by the event id, so the answer is deterministic.
-    "LATEST": "argMaxIf(v, (t, id), v IS NOT NULL)",
+    "LATEST": "if(count(v) > 0, maxIf((t, id, assumeNotNull(v)), v IS NOT NULL).3, NULL)",
 }
-#: A user meter's values are below this in magnitude (see _user_rows).
-_VALUE_LIMIT: Final = f"toDecimal256('1{'0' * 40}', 18)"
-#: The statuses whose events are in no meter: too late, or from a record that could not be processed.
-_NOT_METERED: Final = "('late', 'failed')"
 
 
 def _user_rows(query: MeterQuery, meter: UserMeter, params: dict[str, Any]) -> tuple[str, list[str]]:
-    """The rows (``t, ts, id, subject, <group keys>, v, vs``) of a user meter's events in a query's range,
-    filtered; and the group-by columns in order. From the deduplicated audit log (FINAL: one row per
+    """The rows (``t, ts, id, source, subject, <group keys>, v, vs``) of a user meter's events in a query's
+    range, filtered; and the group-by columns in order. From the deduplicated audit log (FINAL: one row per
     event), exact to the microsecond at the range's ends."""
-    params["etype"] = meter.event_type
-    where = ["type = {etype:String}", f"status NOT IN {_NOT_METERED}"]
-    for name, bound, op in (("start", query.start, ">="), ("end", query.end, "<"), ("from", meter.event_from, ">=")):
+    where = event_where(meter, params)
+    for name, bound, op in (("start", query.start, ">="), ("end", query.end, "<")):
         if bound is not None:
             params[f"u_{name}"] = _bounded(bound)
             where.append(f"time {op} {{u_{name}:DateTime64(6, 'UTC')}}")
-    columns = ["time AS t", "toDateTime(toStartOfMinute(time), 'UTC') AS ts", "id", "subject"]
-    keys = list(meter.group_by)
-    for i, key in enumerate(keys):
-        params[f"gp{i}"] = meter.group_by[key]
-        columns.append(f"JSON_VALUE(data, {{gp{i}:String}}) AS g{i}")
-    if meter.value_property is not None:
-        params["vp"] = meter.value_property
-        columns.append("JSON_VALUE(data, {vp:String}) AS vs")
-        # Decimal(76, 18), values below 10^40 in magnitude: a sum of them cannot overflow (ClickHouse's decimal
-        # sums wrap around without an error) short of 10^18 events; larger ones are left out, as not a number.
-        columns.append(f"if(abs(toDecimal256OrNull(vs, 18) AS p) < {_VALUE_LIMIT}, p, NULL) AS v")
-    else:
-        columns.append("'' AS vs")
-        columns.append("CAST(NULL, 'Nullable(Decimal(76, 18))') AS v")
-    column_of = {"subject": "subject"} | {key: f"g{i}" for i, key in enumerate(keys)}
+    column_of = _user_columns(meter)
     filters = _filters(query, params, column_of)
-    rows = f"SELECT {', '.join(columns)} FROM usage_events FINAL WHERE {' AND '.join(where)}"
+    rows = f"SELECT {', '.join(event_columns(meter, params))} FROM usage_events FINAL WHERE {' AND '.join(where)}"
     if filters:
         rows = f"SELECT * FROM ({rows}) WHERE {' AND '.join(filters)}"
     return rows, [column_of[d] for d in meter.group_keys if d in query.group_by]
 
 
-def user_meter_sql(query: MeterQuery) -> Sql:
-    """SQL and parameters answering a query of a user meter."""
+def _user_columns(meter: UserMeter) -> dict[str, str]:
+    return {"subject": "subject"} | {key: f"g{i}" for i, key in enumerate(meter.group_by)}
+
+
+_STATES: Final = ", ".join(name for name, _ in STATE_OF_EVENT)
+
+
+def _state_rows(query: MeterQuery, meter: UserMeter, params: dict[str, Any]) -> tuple[str, list[str]]:
+    """The minute rows (``ts, subject, g0.., <states>``) of a user meter in a query's range, filtered: whole
+    minutes from its states, partial minutes at the range's edges from the audit log, counting an event there
+    only once its offset is in the states (as the windows' edges do: ``_APPLIED_JOIN``)."""
+    params["state_id"] = meter.state_id
+    whole, edges = _split(query)
+    groups = "".join(f", groups[{i + 1}] AS g{i}" for i in range(len(meter.group_by)))
+    parts = []
+    if whole is not None:
+        where = ["meter_id = {state_id:String}", "subject != ''"]
+        for name, bound, op in (("whole_from", whole[0], ">="), ("whole_to", whole[1], "<")):
+            if bound is not None:
+                params[name] = bound
+                where.append(f"window_start {op} {{{name}:DateTime('UTC')}}")
+        parts.append(
+            f"SELECT window_start AS ts, subject{groups}, {_STATES} FROM meter_windows WHERE {' AND '.join(where)}"
+        )
+    if edges:
+        event_groups = "".join(f", g{i}" for i in range(len(meter.group_by)))
+        states = ", ".join(f"{expression} AS {name}" for name, expression in STATE_OF_EVENT)
+        columns = ", ".join([*event_columns(meter, params), "src_topic", "src_partition", "src_offset"])
+        marks = (
+            "SELECT src_topic, src_partition, max(applied_offset) AS offset FROM meter_windows "
+            "WHERE meter_id = {state_id:String} AND subject = '' GROUP BY src_topic, src_partition"
+        )
+        for i, (edge_from, edge_to) in enumerate(edges):
+            where = event_where(meter, params)
+            for name, bound, op in ((f"edge{i}_from", edge_from, ">="), (f"edge{i}_to", edge_to, "<")):
+                if bound is not None:
+                    params[name] = bound
+                    where.append(f"time {op} {{{name}:DateTime64(6, 'UTC')}}")
+            parts.append(
+                f"SELECT ts, subject{event_groups}, {states} FROM (SELECT {columns} FROM usage_events FINAL "
+                f"WHERE {' AND '.join(where)}) AS e INNER JOIN ({marks}) AS mk "
+                "ON e.src_topic = mk.src_topic AND e.src_partition = mk.src_partition WHERE e.src_offset <= mk.offset"
+            )
+    column_of = _user_columns(meter)
+    filters = _filters(query, params, column_of)
+    rows = " UNION ALL ".join(parts)
+    rows = f"SELECT * FROM ({rows})" + (f" WHERE {' AND '.join(filters)}" if filters else "")
+    return rows, [column_of[d] for d in meter.group_keys if d in query.group_by]
+
+
+def user_meter_sql(query: MeterQuery, from_states: bool = False) -> Sql:
+    """SQL and parameters answering a query of a user meter: from its states (``from_states``: they are
+    caught up with every source partition) or from the audit log."""
     meter = query.meter
     assert isinstance(meter, UserMeter)
     params: dict[str, Any] = {"tz": query.time_zone}
-    rows, dims = _user_rows(query, meter, params)
     having = " HAVING value0 IS NOT NULL"
-    return _aggregated(query, f"({rows})", dims, [_USER_AGGREGATES[meter.aggregation]], having=having), params
+    if from_states:
+        rows, dims = _state_rows(query, meter, params)
+        aggregate = STATE_AGGREGATES[meter.aggregation]
+    else:
+        rows, dims = _user_rows(query, meter, params)
+        aggregate = _USER_AGGREGATES[meter.aggregation]
+    return _aggregated(query, f"({rows})", dims, [aggregate], having=having), params
 
 
 def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql:
@@ -332,11 +380,29 @@ def reconcile_sql(start: datetime, end: datetime) -> Sql:
     return sql, {"start": start, "end": end, "start_s": start, "end_s": end}
 
 
+_SOURCES_APPLIED: Final = (
+    "SELECT src_topic, src_partition, max(applied_offset) AS offset FROM usage_windows "
+    "WHERE subject = '' GROUP BY src_topic, src_partition"
+)
+_SOURCES: Final = (
+    "SELECT src_topic, src_partition FROM usage_windows WHERE subject = '' GROUP BY src_topic, src_partition"
+)
+#: A user meter's markers (``present`` and ``caught`` are 0 for a partition without one: a LEFT JOIN fills in
+#: defaults).
+_CAUGHT_UP: Final = (
+    "SELECT src_topic, src_partition, max(applied_offset) AS offset, max(caught_up) AS caught, "
+    "toUInt8(1) AS present FROM meter_windows "
+    "WHERE meter_id = {state_id:String} AND subject = '' GROUP BY src_topic, src_partition"
+)
+
+
 class MeterReader:
     """Answers the query API from ClickHouse."""
 
     def __init__(self, ch: ClickHouse) -> None:
         self._ch = ch
+        #: User meters (state ids) whose states answer their queries (see states_ready).
+        self._ready: set[str] = set()
         s = ch.settings
         # On a server every read runs read-only and bounded (per-query settings of the HTTP request), so no
         # query parameters can make it write, run away or exhaust it. Not on the embedded engine: there the
@@ -355,8 +421,42 @@ class MeterReader:
         return self._ch.client().query(sql, parameters=params, settings=self._limits)
 
     def query_meter(self, query: MeterQuery) -> list[QueryRow]:
-        sql, params = user_meter_sql(query) if isinstance(query.meter, UserMeter) else meter_query_sql(query)
+        if isinstance(query.meter, UserMeter):
+            sql, params = user_meter_sql(query, from_states=self.states_ready(query.meter))
+        else:
+            sql, params = meter_query_sql(query)
         return self._rows(query, self._query(sql, params).result_rows, 1)[0]
+
+    def states_ready(self, meter: UserMeter) -> bool:
+        """Whether a user meter's states were caught up with every source partition once (its backfill is
+        done): from then on the sink brings them forward with every batch, and they answer its queries.
+        Remembered once true (a partition that appears later is caught up with its first batch)."""
+        if meter.state_id in self._ready:
+            return True
+        result = self._query(
+            f"SELECT count() FROM ({_SOURCES}) AS u LEFT JOIN ({_CAUGHT_UP}) AS m "
+            "ON u.src_topic = m.src_topic AND u.src_partition = m.src_partition WHERE m.caught = 0",
+            {"state_id": meter.state_id},
+        )
+        ready = int(result.result_rows[0][0]) == 0
+        if ready:
+            self._ready.add(meter.state_id)
+        return ready
+
+    def backfill_progress(self, meter: UserMeter) -> tuple[int, int]:
+        """(events in the states, events stored) of a user meter, over the offsets applied so far."""
+        params: dict[str, Any] = {"state_id": meter.state_id}
+        where = " AND ".join(event_where(meter, params))
+        result = self._query(
+            "SELECT countIf(m.present = 1 AND e.src_offset <= m.offset), count() FROM "
+            f"(SELECT src_topic, src_partition, src_offset FROM usage_events FINAL WHERE {where}) AS e "
+            f"INNER JOIN ({_SOURCES_APPLIED}) AS u ON e.src_topic = u.src_topic AND e.src_partition = u.src_partition "
+            f"LEFT JOIN ({_CAUGHT_UP}) AS m ON e.src_topic = m.src_topic AND e.src_partition = m.src_partition "
+            "WHERE e.src_offset <= u.offset",
+            params,
+        )
+        done, total = result.result_rows[0]
+        return int(done), int(total)
 
     def query_meters(self, query: MeterQuery, meters: Sequence[Meter]) -> list[list[QueryRow]]:
         """``query`` for each built-in meter of ``meters`` in one scan: answer *i* is meter *i*'s, row for
@@ -403,7 +503,7 @@ class MeterReader:
             start = _floor_minute(start) if start is not None else None  # windows are whole minutes
         else:
             params["etype"] = meter.event_type
-            where = ["type = {etype:String}", f"status NOT IN {_NOT_METERED}"]
+            where = ["type = {etype:String}", f"status NOT IN {NOT_METERED}"]
             time_column, table, kind = "time", "usage_events", "DateTime64(6, 'UTC')"
             if key == "subject":
                 value = "subject"

@@ -12,6 +12,9 @@ that is what makes every source offset count exactly once.
 read as decimal USD through ALIAS columns) and where it came from.
 ReplacingMergeTree on (source, id) collapses the identical rows a replay writes again.
 
+``meter_windows`` holds the user meters' 1-minute states (``sinks.clickhouse.meter_states``), with offset
+markers of their own per meter, written with the states in one INSERT as above.
+
 ``accepted_gaps`` holds the ranges of source offsets an operator accepted as lost (``meterstream
 accept-gap``): the sink takes them as applied, ``reconcile`` lists them.
 """
@@ -118,6 +121,46 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             )
             ENGINE = {engine}MergeTree
             ORDER BY (src_topic, src_partition, first_offset)
+            """,
+        ),
+    ),
+    Migration(
+        3,
+        "user meters' 1-minute states, and the audit log's offsets indexed",
+        (
+            """
+            CREATE TABLE IF NOT EXISTS {db}.meter_windows {on_cluster} (
+                -- A user meter's UserMeter.state_id.
+                meter_id String,
+                subject String,
+                window_start DateTime('UTC'),
+                -- The values of the meter's groupBy keys, in its order.
+                groups Array(String),
+                -- Set on offset markers only (subject = ''): the events topic and partition they track.
+                src_topic LowCardinality(String),
+                src_partition Int32,
+                events SimpleAggregateFunction(sum, UInt64),
+                -- Events with a value that is a number (the others are in events only).
+                n_values SimpleAggregateFunction(sum, UInt64),
+                value_sum SimpleAggregateFunction(sum, Decimal(76, 18)),
+                value_min SimpleAggregateFunction(min, Nullable(Decimal(76, 18))),
+                value_max SimpleAggregateFunction(max, Nullable(Decimal(76, 18))),
+                uniques SimpleAggregateFunction(groupUniqArrayArray, Array(String)),
+                -- (time, id, value) of the latest event with a value; ties in time broken by the id.
+                latest SimpleAggregateFunction(max, Tuple(DateTime64(6, 'UTC'), String, Decimal(76, 18))),
+                applied_offset SimpleAggregateFunction(max, Int64),
+                -- 1 once the states were caught up with the partition's applied offset (its backfill done).
+                caught_up SimpleAggregateFunction(max, UInt8)
+            )
+            ENGINE = {engine}AggregatingMergeTree
+            ORDER BY (meter_id, subject, window_start, groups, src_topic, src_partition)
+            SETTINGS non_replicated_deduplication_window = 10000
+            """,
+            # The sink reads the audit log by source offsets (the rows of the batch it just wrote): recent
+            # parts hold them, and the index lets the read skip the rest.
+            """
+            ALTER TABLE {db}.usage_events {on_cluster}
+            ADD INDEX IF NOT EXISTS src_offset_minmax src_offset TYPE minmax GRANULARITY 1
             """,
         ),
     ),

@@ -1,4 +1,5 @@
-"""Writes of the sink: the audit log, then window deltas with their offset markers, atomically."""
+"""Writes of the sink: the audit log, then the user meters' states and the window deltas, each with their
+offset markers, atomically."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from schemas.events import from_micros, to_micros
 from schemas.meters import WINDOW_COUNTS
 from schemas.money import from_atto
 from schemas.records import AUDIT_COLUMNS, BIG_AMOUNTS_VERSION, atto
-from sinks.apply import Coords, EventKey, Plan, Source
+from sinks.apply import Coords, EventKey, MeterStep, Plan, Source
 from sinks.clickhouse.connection import ClickHouse
+from sinks.clickhouse.meter_states import MeterStates
 
 _EPOCH: Final = from_micros(0)
 
@@ -70,6 +72,12 @@ class WindowStore:
 
     def __init__(self, ch: ClickHouse) -> None:
         self._ch = ch
+        self._meters = MeterStates(ch)
+
+    @property
+    def meters(self) -> MeterStates:
+        """The user meters' states (``meter_windows``)."""
+        return self._meters
 
     def applied_offsets(self) -> dict[Source, int]:
         """The last applied events-topic offset of every source partition."""
@@ -108,13 +116,18 @@ class WindowStore:
             for block in blocks:
                 yield from ((source, event_id) for source, event_id in block)
 
-    def write(self, plan: Plan, stored_at: datetime) -> None:
-        """Store a batch. Audit rows first (rewriting them is harmless), then every window delta and the
-        new offset markers in one INSERT: visible together or not at all. A retry with the same plan is
-        dropped by ClickHouse as a duplicate block (the token identifies the offsets it advances)."""
+    def write(self, plan: Plan, stored_at: datetime, meter_steps: Sequence[MeterStep] = ()) -> None:
+        """Store a batch. Audit rows first (rewriting them is harmless), then the caught-up user meters'
+        states of those rows (``meter_steps``, each up to the batch's offsets), then every window delta and
+        the new offset markers in one INSERT: visible together or not at all. A retry with the same plan is
+        dropped by ClickHouse as a duplicate block (the token identifies the offsets it advances). The
+        meters' states are stored before the windows' markers, so once an offset is applied every caught-up
+        meter holds its events too."""
         client = self._ch.client()
         if plan.stored_count():
             _insert(client, "usage_events", _EVENT_COLUMNS, _event_columns(plan, stored_at))
+        if meter_steps:
+            self._meters.apply(meter_steps)
         if not plan.offsets:
             return
         _insert(

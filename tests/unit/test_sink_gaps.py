@@ -20,7 +20,7 @@ from confluent_kafka import TopicPartition
 import schemas.records
 from schemas.records import DeadLetterRecord, WindowsRecord
 from schemas.settings import SinkSettings, TopicSettings
-from sinks.apply import Coords, EventKey, Plan, Source
+from sinks.apply import Coords, EventKey, MeterStep, Plan, Source
 from sinks.consumer import Sink
 from tests.unit.test_apply import record as make_record
 from tests.unit.test_apply import row
@@ -133,7 +133,7 @@ class FakeStore:
     def stored_keys(self, since: datetime) -> Iterator[EventKey]:
         return iter([key for key, _, status in self.rows if status != "failed"])
 
-    def write(self, plan: Plan, stored_at: datetime) -> None:
+    def write(self, plan: Plan, stored_at: datetime, meter_steps: Sequence[MeterStep] = ()) -> None:
         if self.fail_writes:
             self.fail_writes -= 1
             raise ConnectionError("storage away")
