@@ -394,14 +394,8 @@ class Sink:
     def _flush(self, batch: list[tuple[Message, WindowsRecord]]) -> None:
         started = time.monotonic()
         generation = self._generation
-        if self._reload:
-            if self._reload_keys and self._retrying(self._catch_up_stored_keys) is _GAVE_UP:
-                return
-            loaded = self._retrying(lambda: (self._store.applied_offsets(), self._store.accepted_gaps()))
-            if loaded is _GAVE_UP:
-                return
-            with self._state_lock:
-                (self._applied, self._holes), self._reload, self._reload_keys = loaded, False, False
+        if self._reload and self._retrying(self._reload_state) is _GAVE_UP:
+            return
         meters = self.user_meters
         if meters and self._meter_reload and self._retrying(self._load_meter_marks) is _GAVE_UP:
             return
@@ -467,6 +461,14 @@ class Sink:
             except Exception:
                 log.exception("sink: the stored-subjects listener failed")
 
+    def _reload_state(self) -> None:
+        """After an assignment: the stored keys caught up, the applied offsets and accepted gaps read again."""
+        if self._reload_keys:
+            self._catch_up_stored_keys()
+        loaded = (self._store.applied_offsets(), self._store.accepted_gaps())
+        with self._state_lock:
+            (self._applied, self._holes), self._reload, self._reload_keys = loaded, False, False
+
     def _load_meter_marks(self) -> None:
         assert self._meter_store is not None
         self._meter_marks = self._meter_store.markers()
@@ -503,10 +505,12 @@ class Sink:
         (between batches: the stream is never held up by more than one chunk). A failure is retried a second
         later, from the markers as stored."""
         meters, store = self.user_meters, self._meter_store
-        if not meters or store is None or self._reload or time.monotonic() < self._backfill_after:
+        if not meters or store is None or time.monotonic() < self._backfill_after:
             return
         generation = self._generation
         try:
+            if self._reload:  # no batch has come since an assignment (a restart with nothing new to read)
+                self._reload_state()
             if self._meter_reload:
                 self._load_meter_marks()
             owned = {s: a for s, a in self._applied.items() if s[1] in self._assigned}
