@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,6 +23,7 @@ from typing import Any
 
 import httpx
 import orjson
+import yaml
 
 from bench import broker_floor
 from bench.baselines import altvenv, postgres
@@ -429,11 +431,13 @@ def _print_grid(grid: list[dict[str, Any]]) -> None:
 # -- 2. processing -------------------------------------------------------------------------------------
 
 
-def _processing_run(sizes: Sizes, work: Path, workers: int) -> tuple[dict[str, Any], BenchStack]:
+def _processing_run(
+    sizes: Sizes, work: Path, workers: int, name: str | None = None, **env: str
+) -> tuple[dict[str, Any], BenchStack]:
     """Sink and ``workers`` processors up and warm on an empty topic; then the topic is filled with
     ``processing_events`` events as fast as the broker takes them, and the clock runs from the first
     produce until the requests meter counts them all. The stack is returned running."""
-    stack = bench_stack(work / f"processing-{workers}")
+    stack = bench_stack(work / (name or f"processing-{workers}"), **env)
     stack.start_broker()
     stack.start_sink()
     stack.start_processors(workers)
@@ -1371,6 +1375,14 @@ def _generate_windows(path: Path, events: int, subjects: int, days: int, end_s: 
         """,
         settings={"max_insert_block_size": 1_000_000},
     )
+    # The offset marker of the rows' one source partition (as the sink writes it), so that user meters are
+    # backfilled from them and then answer from their states.
+    client.command(
+        "INSERT INTO usage_windows (subject, window_start, provider, model, src_topic, src_partition, requests, "
+        "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, total_tokens, "
+        f"cost_usd, unpriced_requests, applied_offset) VALUES ('', 0, '', '', 'bench', 0, 0, 0, 0, 0, 0, 0, 0, 0, "
+        f"0, {events - 1})"
+    )
     client.command("OPTIMIZE TABLE usage_windows FINAL")
     stored = client.query("SELECT sum(requests), count() FROM usage_windows WHERE subject != ''").result_rows[0]
     ch.close()
@@ -1521,6 +1533,79 @@ meters:
 """
 
 
+#: Ten user meters over the benchmark's llm.usage events (every aggregation), beside the built-in ones.
+_TEN_METERS_FILE = """
+meters:
+  - {slug: u_input, eventType: llm.usage, aggregation: SUM, valueProperty: $.input_tokens, groupBy: {model: $.model}}
+  - {slug: u_output, eventType: llm.usage, aggregation: SUM, valueProperty: $.output_tokens, groupBy: {model: $.model}}
+  - {slug: u_cached, eventType: llm.usage, aggregation: SUM, valueProperty: $.cache_read_tokens}
+  - {slug: u_calls, eventType: llm.usage, aggregation: COUNT}
+  - {slug: u_calls_by_provider, eventType: llm.usage, aggregation: COUNT, groupBy: {provider: $.provider}}
+  - {slug: u_avg_input, eventType: llm.usage, aggregation: AVG, valueProperty: $.input_tokens}
+  - {slug: u_min_output, eventType: llm.usage, aggregation: MIN, valueProperty: $.output_tokens}
+  - {slug: u_max_input, eventType: llm.usage, aggregation: MAX, valueProperty: $.input_tokens}
+  - {slug: u_models, eventType: llm.usage, aggregation: UNIQUE_COUNT, valueProperty: $.model}
+  - {slug: u_last_output, eventType: llm.usage, aggregation: LATEST, valueProperty: $.output_tokens}
+"""
+
+
+def _meter_total(client: httpx.Client, url: str, slug: str) -> Decimal:
+    response = client.get(f"{url}/api/v1/meters/{slug}/query", timeout=300)
+    response.raise_for_status()
+    return sum((Decimal(str(r["value"])) for r in response.json()["data"]), Decimal(0))
+
+
+def _wait_states_ready(client: httpx.Client, url: str, slugs: Sequence[str], timeout_s: float) -> float:
+    """Poll until every meter of ``slugs`` answers from its states; returns the time.monotonic() it was seen."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [client.get(f"{url}/api/v1/meters/{slug}", timeout=30).json()["annotations"] for slug in slugs]
+        if all(a.get("meterstream.states") == "ready" for a in states):
+            return time.monotonic()
+        time.sleep(0.2)
+    raise TimeoutError(f"user meters not ready after {timeout_s:.0f}s: {states}")
+
+
+def _processing_with_meters(sizes: Sizes, work: Path) -> list[Row]:
+    """Events/s to stored windows with ten user meters defined beside the built-in ones, against none, one
+    processor each, one after the other in the same run, on the same prefilled events."""
+    meters_file = work / "ten-meters.yaml"
+    meters_file.write_text(_TEN_METERS_FILE)
+    without, stack = _processing_run(sizes, work, 1, "processing-no-user-meters")
+    stack.stop()
+    with_meters, stack = _processing_run(
+        sizes, work, 1, "processing-ten-user-meters", METERSTREAM_SINK_METERS_FILE=str(meters_file)
+    )
+    try:
+        with httpx.Client() as client:
+            slugs = [m["slug"] for m in yaml.safe_load(_TEN_METERS_FILE)["meters"]]
+            _wait_states_ready(client, stack.query_url, slugs, 60)
+            calls = _meter_total(client, stack.query_url, "u_calls")
+    finally:
+        stack.stop()
+    total = 1000 + sizes.processing_events
+    log(f"meters: processing with ten user meters {with_meters['events_per_s_stored']:,.0f}/s, "
+        f"without {without['events_per_s_stored']:,.0f}/s; u_calls = {calls} of {total}")  # fmt: skip
+    return [
+        Row(
+            "meters",
+            "events/s to stored windows, 1 worker, with 10 user meters vs without",
+            "events/s",
+            with_meters["events_per_s_stored"],
+            without["events_per_s_stored"],
+            "the same, no user meters",
+            details={"with": with_meters, "without": without},
+        ),
+        Row(
+            "meters",
+            "user meter COUNT equals the events sent, after the run with 10 user meters",
+            "bool",
+            1.0 if calls == total else 0.0,
+            details={"u_calls": str(calls), "sent": total},
+        ),
+    ]
+
+
 def _generate_events(path: Path, events: int, subjects: int, days: int, end_s: int) -> dict[str, Any]:
     """In a process of its own: ``events`` audit-log rows of llm.usage events over ``days`` days before
     ``end_s`` (data as clients send it), and the built-in meters' windows summed from the same rows, so a
@@ -1565,6 +1650,14 @@ def _generate_events(path: Path, events: int, subjects: int, days: int, end_s: i
         FROM usage_events GROUP BY subject, toStartOfMinute(time), provider, model
         """
     )
+    # The offset marker of the rows' one source partition (as the sink writes it), so that user meters are
+    # backfilled from them and then answer from their states.
+    client.command(
+        "INSERT INTO usage_windows (subject, window_start, provider, model, src_topic, src_partition, requests, "
+        "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, total_tokens, "
+        f"cost_usd, unpriced_requests, applied_offset) VALUES ('', 0, '', '', 'bench', 0, 0, 0, 0, 0, 0, 0, 0, 0, "
+        f"0, {events - 1})"
+    )
     client.command("OPTIMIZE TABLE usage_windows FINAL")
     client.command("OPTIMIZE TABLE usage_events FINAL")
     stored = client.query("SELECT count() FROM usage_events").result_rows[0][0]
@@ -1573,8 +1666,9 @@ def _generate_events(path: Path, events: int, subjects: int, days: int, end_s: i
 
 
 def meters(sizes: Sizes, work: Path) -> list[Row]:
-    """A user-defined meter (computed from the audit log when queried) against the built-in meter answering
-    the same question from the 1-minute windows, over the same events, in the same run."""
+    """A user-defined meter (answered from its 1-minute states, backfilled from the audit log first) against
+    the built-in meter answering the same question from the 1-minute windows, over the same events; and the
+    processing rate with ten user meters against none. All in the same run."""
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     end_s = int(today.timestamp())
     base = work / "meters"
@@ -1588,7 +1682,12 @@ def meters(sizes: Sizes, work: Path) -> list[Row]:
     meters_file.write_text(_METERS_FILE)
     stack = bench_stack(base, METERSTREAM_SINK_METERS_FILE=str(meters_file))
     stack.start_broker()
+    started = time.monotonic()
     stack.start_sink()
+    with httpx.Client() as client:  # the history is backfilled into the two meters' states first
+        ready = _wait_states_ready(client, stack.query_url, ("input_tokens_user", "models_used"), 1800)
+    backfill_s = ready - started
+    log(f"meters: {generated['events']} events backfilled into 2 meters' states in {backfill_s:.1f}s")
     lo = (today - timedelta(days=sizes.query_days)).isoformat().replace("+00:00", "Z")
     hi = today.isoformat().replace("+00:00", "Z")
     rng = random.Random(11)
@@ -1637,12 +1736,21 @@ def meters(sizes: Sizes, work: Path) -> list[Row]:
                     details={"results": results, "generated": generated, "same_total": same},
                 )
             )
+    rows.append(
+        Row(
+            "meters",
+            f"backfill of 2 user meters from the audit log, sink start to states ready ({events})",
+            "events/s",
+            generated["events"] / backfill_s,
+            details={"seconds": backfill_s},
+        )
+    )
     unique = results["unique_top"]["p95_ms"]
     rows.append(Row("meters", f"user meter UNIQUE_COUNT, every subject, 30 days, p95 ({events})", "ms", unique))
     totals = {"builtin": results["builtin_top"]["last_total"], "user": results["user_top"]["last_total"]}
     label = "user meter total equals the built-in meter's (every subject)"
     rows.append(Row("meters", label, "bool", 1.0 if same else 0.0, details=totals))
-    return rows
+    return rows + _processing_with_meters(sizes, work / "meters")
 
 
 # -- soak ------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Meters users define: through the API (kept in the control-plane store) or in the meters file (read at
 start, in OpenMeter's ``meters:`` format). Both are served beside the built-in LLM meters.
 
-A user meter is computed from the deduplicated audit log when it is queried, so a meter made after its
-events arrived covers them. What would change the meaning of its numbers (its event type, aggregation,
+A user meter is aggregated by the sink into 1-minute states from the deduplicated audit log, backfilled
+first when it is made after its events arrived (so it covers them), and answered from the audit log until
+then (sinks/clickhouse/meter_states.py). What would change the meaning of its numbers (its event type, aggregation,
 value property, start) cannot be edited: 409, with what to do instead.
 """
 

@@ -76,7 +76,7 @@ from schemas.settings import (
     TopicSettings,
 )
 from sinks.clickhouse.connection import ClickHouse
-from sinks.clickhouse.metrics import EngineMemory
+from sinks.clickhouse.metrics import EngineMemory, MeterValuesMissing
 from sinks.clickhouse.reader import MeterReader
 from sinks.clickhouse.schema import migrate
 from sinks.clickhouse.store import WindowStore
@@ -381,15 +381,17 @@ async def _feeding(sink: Sink, meters: MeterService) -> AsyncIterator[None]:
 
 
 @contextlib.contextmanager
-def _engine_memory_metrics(ch: ClickHouse) -> Iterator[None]:
-    """The engine's memory accounting on /metrics while the app runs (unregistered after: tests build
-    many apps in one process)."""
-    collector = EngineMemory(ch)
-    REGISTRY.register(collector)
+def _engine_metrics(ch: ClickHouse, sink: Sink) -> Iterator[None]:
+    """The engine's memory accounting and the user meters' missing values on /metrics while the app runs
+    (unregistered after: tests build many apps in one process)."""
+    collectors = (EngineMemory(ch), MeterValuesMissing(ch, lambda: sink.user_meters))
+    for collector in collectors:
+        REGISTRY.register(collector)
     try:
         yield
     finally:
-        REGISTRY.unregister(collector)
+        for collector in collectors:
+            REGISTRY.unregister(collector)
 
 
 def sink_app(settings: SinkSettings) -> Starlette:
@@ -416,7 +418,7 @@ def sink_app(settings: SinkSettings) -> Starlette:
         thread.start()
         try:
             async with _opened(store), relaying(control.holds), alerting(control.alerts), _feeding(sink, meters):
-                with _engine_memory_metrics(ch):
+                with _engine_metrics(ch, sink):
                     yield
         finally:
             if producer is not None:
@@ -550,7 +552,7 @@ def local_app(local: LocalSettings) -> Starlette:
                     local.host,
                     local.port,
                 )
-                with _engine_memory_metrics(ch):
+                with _engine_metrics(ch, sink):
                     yield
         finally:
             await asyncio.to_thread(producer.close)

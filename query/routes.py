@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ class Reader(Protocol):
 
     def query_meters(self, query: MeterQuery, meters: list[Meter]) -> list[list[QueryRow]]: ...
 
-    def list_events(self, f: EventFilter) -> list[dict[str, Any]]: ...
+    def list_events(self, f: EventFilter, meters: Sequence[UserMeter] = ()) -> list[dict[str, Any]]: ...
 
     def reconcile(self, start: datetime, end: datetime) -> list[Difference]: ...
 
@@ -246,7 +246,11 @@ def query_routes(
             )
         except Problem as problem:
             return problem_response(problem)
-        rows = await asyncio.to_thread(reader.list_events, event_list)
+        try:
+            user_meters: Sequence[UserMeter] = await meters.user_meters()
+        except Problem:  # never read, and PostgreSQL away: the events are listed without the meters' statuses
+            user_meters = ()
+        rows = await asyncio.to_thread(reader.list_events, event_list, user_meters)
         return _json([_ingested_event(row) for row in rows])
 
     async def get_price(request: Request) -> Response:
@@ -430,8 +434,16 @@ def _ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
             "priceSource": row["price_source"],
         },
     }
+    missing = list(row.get("values_missing") or ())
+    if missing:
+        body["meterstream"]["valueMissing"] = missing
     if row["status"] == "late":
         body["validationError"] = "not counted: later than the allowed lateness (dead-lettered)"
+    elif missing:
+        body["validationError"] = (
+            f"left out of meter(s) {', '.join(missing)}: no value at their valueProperty, or not a number "
+            "where one is needed (never counted as 0)"
+        )
     return body
 
 

@@ -36,7 +36,7 @@ NO_LATEST: Final = f"(toDateTime64(0, 6, 'UTC'), '', {ZERO})"
 #: audit row (``event_columns``) contributes to each.
 STATE_OF_EVENT: Final = (
     ("events", "toUInt64(1)"),
-    ("n_values", "toUInt64(v IS NOT NULL)"),
+    ("n_values", "toUInt64(has)"),
     ("value_sum", f"ifNull(v, {ZERO})"),
     ("value_min", "v"),
     ("value_max", "v"),
@@ -46,7 +46,7 @@ STATE_OF_EVENT: Final = (
 #: How a window's state is aggregated from audit rows, per state column.
 _AGGREGATE_EVENTS: Final = (
     "count()",
-    "countIf(v IS NOT NULL)",
+    "countIf(has = 1)",
     f"sum(ifNull(v, {ZERO}))",
     "min(v)",
     "max(v)",
@@ -70,8 +70,9 @@ STATE_AGGREGATES: Final = {
 
 
 def event_columns(meter: UserMeter, params: dict[str, Any], prefix: str = "") -> list[str]:
-    """The columns ``t, ts, id, source, subject, g0.. (the groupBy values), vs, v`` of one of ``meter``'s
-    audit rows: ``vs`` the value as text, ``v`` as an exact decimal (NULL when missing or not a number)."""
+    """The columns ``t, ts, id, source, subject, g0.. (the groupBy values), vs, v, has`` of one of ``meter``'s
+    audit rows: ``vs`` the value as text, ``v`` as an exact decimal (NULL when missing or not a number),
+    ``has`` 1 if the row has the value its aggregation needs (any text for UNIQUE_COUNT, else a number)."""
     columns = [
         "time AS t",
         "toDateTime(toStartOfMinute(time), 'UTC') AS ts",
@@ -85,11 +86,32 @@ def event_columns(meter: UserMeter, params: dict[str, Any], prefix: str = "") ->
     if meter.value_property is not None:
         params[f"{prefix}vp"] = meter.value_property
         columns.append(f"JSON_VALUE(data, {{{prefix}vp:String}}) AS vs")
-        columns.append(f"if(abs(toDecimal256OrNull(vs, 18) AS p) < {VALUE_LIMIT}, p, NULL) AS v")
+        columns.append(f"{value_sql('vs', prefix)} AS v")
+        columns.append(
+            "toUInt8(vs != '') AS has" if meter.aggregation == "UNIQUE_COUNT" else "toUInt8(v IS NOT NULL) AS has"
+        )
     else:
         columns.append("'' AS vs")
         columns.append("CAST(NULL, 'Nullable(Decimal(76, 18))') AS v")
+        columns.append("toUInt8(0) AS has")
     return columns
+
+
+def value_sql(text: str, prefix: str = "") -> str:
+    """A value given as text (``text``, an SQL expression) as an exact decimal: NULL when it is missing, not a
+    number, or too large (VALUE_LIMIT)."""
+    return f"if(abs(toDecimal256OrNull({text}, 18) AS {prefix}p) < {VALUE_LIMIT}, {prefix}p, NULL)"
+
+
+def missing_sql(meter: UserMeter, params: dict[str, Any], prefix: str) -> str | None:
+    """True for an audit row of ``meter``'s that has no value where its aggregation needs one (a number; for
+    UNIQUE_COUNT, any text); None for a meter that needs none (COUNT)."""
+    if meter.value_property is None:
+        return None
+    params[f"{prefix}vp"] = meter.value_property
+    text = f"JSON_VALUE(data, {{{prefix}vp:String}})"
+    lacking = f"{text} = ''" if meter.aggregation == "UNIQUE_COUNT" else f"{value_sql(text, prefix)} IS NULL"
+    return f"({' AND '.join(event_where(meter, params, prefix))} AND {lacking})"
 
 
 def event_where(meter: UserMeter, params: dict[str, Any], prefix: str = "") -> list[str]:

@@ -16,7 +16,14 @@ from typing import Any, Final, NamedTuple
 from schemas.meters import GROUP_BY_KEYS, WINDOW_COUNTS, Meter, UserMeter
 from schemas.query import AcceptedGap, Difference, EventFilter, MeterQuery, QueryRow, WindowSize
 from sinks.clickhouse.connection import ClickHouse, is_embedded
-from sinks.clickhouse.meter_states import NOT_METERED, STATE_AGGREGATES, STATE_OF_EVENT, event_columns, event_where
+from sinks.clickhouse.meter_states import (
+    NOT_METERED,
+    STATE_AGGREGATES,
+    STATE_OF_EVENT,
+    event_columns,
+    event_where,
+    missing_sql,
+)
 
 Sql = tuple[str, dict[str, Any]]
 
@@ -335,7 +342,9 @@ def segment_totals_sql(query: MeterQuery, boundaries: Sequence[datetime]) -> Sql
     return sql, params
 
 
-def list_events_sql(f: EventFilter) -> Sql:
+def list_events_sql(f: EventFilter, meters: Sequence[UserMeter] = ()) -> Sql:
+    """The events of ``f``, newest first; ``values_missing`` lists the slugs of the user meters of ``meters``
+    that leave an event out for want of a value (missing, or not a number where one is needed)."""
     params: dict[str, Any] = {"start": _bounded(f.start), "limit": f.limit}
     where = ["time >= {start:DateTime64(6, 'UTC')}"]
     if f.end is not None:
@@ -347,9 +356,16 @@ def list_events_sql(f: EventFilter) -> Sql:
     if f.id_contains:
         params["id"] = f.id_contains
         where.append("position(id, {id:String}) > 0")
+    checks = []
+    for i, meter in enumerate(meters):
+        missing = missing_sql(meter, params, f"lm{i}_")
+        if missing is not None:
+            params[f"lm{i}_slug"] = meter.slug
+            checks.append(f"if({missing}, {{lm{i}_slug:String}}, '')")
+    values_missing = f"arrayFilter(x -> x != '', [{', '.join(checks)}])" if checks else "CAST([], 'Array(String)')"
     sql = (
         "SELECT id, source, subject, type, time, data, received_at, stored_at, status, provider, model, "
-        "cost_usd, price_source, usage FROM usage_events FINAL "
+        f"cost_usd, price_source, usage, {values_missing} AS values_missing FROM usage_events FINAL "
         f"WHERE {' AND '.join(where)} ORDER BY time DESC, source, id LIMIT {{limit:UInt32}}"
     )
     return sql, params
@@ -548,8 +564,8 @@ class MeterReader:
         )
         return {i: (t, int(p), int(o)) for i, t, p, o in result.result_rows}
 
-    def list_events(self, f: EventFilter) -> list[dict[str, Any]]:
-        sql, params = list_events_sql(f)
+    def list_events(self, f: EventFilter, meters: Sequence[UserMeter] = ()) -> list[dict[str, Any]]:
+        sql, params = list_events_sql(f, meters)
         result = self._query(sql, params)
         return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 

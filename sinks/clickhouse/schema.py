@@ -140,7 +140,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
                 src_topic LowCardinality(String),
                 src_partition Int32,
                 events SimpleAggregateFunction(sum, UInt64),
-                -- Events with a value that is a number (the others are in events only).
+                -- Events with the value the meter needs: a number (any text for UNIQUE_COUNT).
                 n_values SimpleAggregateFunction(sum, UInt64),
                 value_sum SimpleAggregateFunction(sum, Decimal(76, 18)),
                 value_min SimpleAggregateFunction(min, Nullable(Decimal(76, 18))),

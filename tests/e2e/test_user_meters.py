@@ -407,6 +407,51 @@ def test_bad_definitions_name_the_field(stack: LocalStack) -> None:
     assert r.status_code == 400 and "groupBy" in r.text
 
 
+def test_a_missing_value_is_counted_as_such(stack: LocalStack) -> None:
+    """An event without a number where a meter needs one is left out of it, never counted as 0: the event list
+    says which meters leave it out, and /metrics counts such events per meter."""
+    for slug, aggregation, path in (("gaps_sum", "SUM", "$.n"), ("gaps_workers", "UNIQUE_COUNT", "$.who")):
+        body = {"slug": slug, "eventType": "gaps", "aggregation": aggregation, "valueProperty": path}
+        r = httpx.post(f"{stack.url}/api/v1/meters", json=body, timeout=10)
+        assert r.status_code == 201, r.text
+    at = iso(dt.datetime.now(UTC) - dt.timedelta(minutes=3))
+    values: list[Any] = [5, "7.5", None, "n/a", {"nested": 1}, -2, "", True]
+    events = []
+    for i, value in enumerate(values):
+        data: dict[str, Any] = {"who": f"w{i % 3}"} if i % 4 else {}
+        if value is not None:
+            data["n"] = value
+        events.append(
+            {
+                "specversion": "1.0",
+                "id": f"gap-{i}",
+                "source": "gaps",
+                "type": "gaps",
+                "subject": "s",
+                "time": at,
+                "data": data,
+            }
+        )
+    ingest(stack, events)
+    stored(stack, "gaps_sum", 5 + 7.5 - 2)
+    lacking_n = {
+        f"gap-{i}" for i, v in enumerate(values) if v is None or isinstance(v, bool | dict) or v in ("n/a", "")
+    }
+    lacking_who = {f"gap-{i}" for i in range(len(values)) if not i % 4}
+    listed = httpx.get(f"{stack.url}/api/v1/events", params={"id": "gap-", "limit": 100}, timeout=10).json()
+    assert len(listed) == len(values)
+    for e in listed:
+        event_id = e["event"]["id"]
+        wanted = [
+            slug for slug, lacking in (("gaps_sum", lacking_n), ("gaps_workers", lacking_who)) if event_id in lacking
+        ]
+        assert e["meterstream"].get("valueMissing", []) == wanted, e
+        assert ("validationError" in e) == bool(wanted), e
+    metrics = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    assert f'meterstream_meter_values_missing{{meter="gaps_sum"}} {float(len(lacking_n))}' in metrics
+    assert f'meterstream_meter_values_missing{{meter="gaps_workers"}} {float(len(lacking_who))}' in metrics
+
+
 def test_user_meters_answer_while_postgres_is_away(stack: LocalStack) -> None:
     r = httpx.post(
         f"{stack.url}/api/v1/meters", json={"slug": "away", "eventType": "api_calls", "aggregation": "COUNT"}

@@ -233,3 +233,44 @@ def test_a_meter_from_a_time_on_and_backfill_chunks(ch: ClickHouse) -> None:
         r.window_start >= later.replace(second=0)
         for r in answer(reader, MeterQuery(meter=m, window_size=WindowSize.MINUTE), True)
     )
+
+
+def test_events_without_a_value_are_counted_as_such(ch: ClickHouse) -> None:
+    """An event with no value where its meter needs one is left out of the meter's numbers, and said so: the
+    event list names the meters that leave it out, and a gauge counts them per meter (from the states)."""
+    from schemas.query import EventFilter
+    from sinks.clickhouse.metrics import MeterValuesMissing
+
+    rng = random.Random(9)
+    store, reader = WindowStore(ch), MeterReader(ch)
+    records = history(rng, 40)
+    written(store, records, METERS)
+    events = [
+        dict(zip(r["events"], values, strict=True))
+        for r in records
+        for values in zip(*r["events"].values(), strict=True)
+    ]
+    metered = [e for e in events if e["type"] == "tokens" and e["status"] == "not_metered"]
+
+    def lacks(e: AuditRow, aggregation: str) -> bool:
+        value = json.loads(e["data"]).get("user" if aggregation == "UNIQUE_COUNT" else "v")
+        if aggregation == "UNIQUE_COUNT":
+            return value in (None, "")
+        try:
+            return value is None or not Decimal(str(value)).is_finite()
+        except ArithmeticError:
+            return True
+
+    expected = {m.slug: sum(lacks(e, m.aggregation) for e in metered) for m in METERS if m.value_property}
+    assert expected["sum"] > 0
+    (family,) = MeterValuesMissing(ch, lambda: METERS).collect()
+    assert {s.labels["meter"]: s.value for s in family.samples} == expected
+
+    listed = reader.list_events(EventFilter(start=T0 - timedelta(days=1), limit=100), METERS)
+    assert len(listed) == 100
+    for e in listed:
+        (audit,) = [a for a in events if a["id"] == e["id"]]
+        wanted = [m.slug for m in METERS if m.value_property and audit in metered and lacks(audit, m.aggregation)]
+        assert list(e["values_missing"]) == wanted, (audit, e["values_missing"])
+    assert any(e["values_missing"] for e in listed)
+    assert all(not e["values_missing"] for e in reader.list_events(EventFilter(start=T0 - timedelta(days=1))))
