@@ -57,6 +57,7 @@ from meterstream.runtime import tune_gc, tune_malloc
 from meterstream.topics import ensure_topics, topic_id
 from processors.app import Processor
 from processors.pricing import Pricer, load_overrides
+from query.cache import QueryCache
 from query.render import rfc3339
 from query.routes import PriceQuoter, query_routes
 from schemas.meters import UserMeter, litellm_cost_meter
@@ -429,7 +430,13 @@ def sink_app(settings: SinkSettings) -> Starlette:
 
     meters = make_meters(settings.meters_file, store, settings.litellm_event_type)
     routes = [
-        *query_routes(reader, settings.usage_event_type, make_quoter(make_pricer(settings.price_overrides)), meters),
+        *query_routes(
+            reader,
+            settings.usage_event_type,
+            make_quoter(make_pricer(settings.price_overrides)),
+            meters,
+            QueryCache(sink.usage_version),
+        ),
         *meter_routes(meters),
         *control.routes,
         *ui_routes(access.authenticator is not None),
@@ -583,6 +590,7 @@ def local_app(local: LocalSettings) -> Starlette:
             ingest_settings.usage_event_type,
             make_quoter(make_pricer(processor_settings.price_overrides)),
             meters,
+            QueryCache(sink.usage_version),
         ),
         *meter_routes(meters),
         *control.routes,

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from query.cache import QueryCache
 from query.params import build_query, from_query_string
 from query.render import rfc3339, to_csv, to_json, wants_csv
 from schemas.events import has_float
@@ -91,10 +92,21 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 def query_routes(
-    reader: Reader, usage_event_type: str, quote: PriceQuoter | None = None, catalog: Catalog | None = None
+    reader: Reader,
+    usage_event_type: str,
+    quote: PriceQuoter | None = None,
+    catalog: Catalog | None = None,
+    cache: QueryCache | None = None,
 ) -> list[Route]:
     """Routes answering from ``reader``. Storage calls run in worker threads (the engine releases the GIL).
-    ``catalog`` adds the user-defined meters to the built-in ones."""
+    ``catalog`` adds the user-defined meters to the built-in ones; ``cache`` (in the process that writes
+    the windows) answers a query again while no write has touched its subjects."""
+
+    def answer(query: MeterQuery) -> list[QueryRow]:
+        if cache is None:
+            return reader.query_meter(query)
+        return cache.rows(query, lambda: reader.query_meter(query))
+
     meters = catalog or BuiltInMeters()
 
     def describe(meter: Meter | UserMeter) -> dict[str, Any]:
@@ -152,7 +164,7 @@ def query_routes(
             query = build_query(meter, raw)
         except Problem as problem:
             return problem_response(problem)
-        rows = await asyncio.to_thread(reader.query_meter, query)
+        rows = await asyncio.to_thread(answer, query)
         if wants_csv(request.headers.get("accept")):
             return Response(
                 to_csv(query, rows),
@@ -221,7 +233,7 @@ def query_routes(
             include={**query.include, "subject": (subject,)},
             exclude={k: v for k, v in query.exclude.items() if k != "subject"},
         )
-        rows = await asyncio.to_thread(reader.query_meter, query)
+        rows = await asyncio.to_thread(answer, query)
         if wants_csv(request.headers.get("accept")):
             return Response(to_csv(query, rows), media_type="text/csv")
         return Response(to_json(query, rows), media_type="application/json")

@@ -325,9 +325,7 @@ class Sink:
                     self._flush(batch)
                     batch, events, oldest = [], 0, None
                 else:
-                    if self._holds and time.monotonic() - self._tended >= 1.0:
-                        self._tend_holds()
-                    self._backfill()
+                    self._idle()
             if batch:
                 self._flush(batch)
         finally:
@@ -500,17 +498,30 @@ class Sink:
         if steps:
             METER_STEPS.labels(kind).inc(len(steps))
 
+    def _idle(self) -> None:
+        """Between batches: the state reloaded after an assignment if no batch has come to do it (a restart
+        with nothing new to read: readers then know the versions, and backfills can start), held partitions
+        tended, one chunk of backfill."""
+        if self._reload and time.monotonic() >= self._backfill_after:
+            try:
+                self._reload_state()
+            except Exception as exc:
+                log.warning("sink: the applied offsets cannot be read (%s); retrying in 1s", exc)
+                self._backfill_after = time.monotonic() + 1.0
+                return
+        if self._holds and time.monotonic() - self._tended >= 1.0:
+            self._tend_holds()
+        self._backfill()
+
     def _backfill(self) -> None:
         """One chunk of backfill, when a user meter's states are behind a source partition this sink holds
         (between batches: the stream is never held up by more than one chunk). A failure is retried a second
         later, from the markers as stored."""
         meters, store = self.user_meters, self._meter_store
-        if not meters or store is None or time.monotonic() < self._backfill_after:
+        if not meters or store is None or self._reload or time.monotonic() < self._backfill_after:
             return
         generation = self._generation
         try:
-            if self._reload:  # no batch has come since an assignment (a restart with nothing new to read)
-                self._reload_state()
             if self._meter_reload:
                 self._load_meter_marks()
             owned = {s: a for s, a in self._applied.items() if s[1] in self._assigned}
