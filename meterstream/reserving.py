@@ -25,6 +25,7 @@ from control.sizing import Rates
 from control.webhooks.sender import WebhookSender
 from ingest.parsing import STRUCTURED, IngestPolicy, parse_request
 from ingest.producer import BrokerUnavailable, EventProducer
+from meterstream.runtime import background
 from processors.pricing import Price, Pricer
 from schemas.events import to_micros
 from schemas.records import RECORD_VERSION, AcceptedEvent, encode
@@ -94,13 +95,8 @@ async def relaying(holds: ReservationService | None) -> AsyncIterator[None]:
     if holds is None:
         yield
         return
-    task = asyncio.create_task(holds.relay_forever(), name="reservations-relay")
-    try:
+    async with background(holds.relay_forever(), "reservations-relay"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class ReaderClock:

@@ -53,7 +53,7 @@ from meterstream.http import Access, Checks, build_app
 from meterstream.logs import configure_logging
 from meterstream.pgserver import EmbeddedPostgres
 from meterstream.reserving import Alerting, IngestUsageEvents, PricerRates, ReaderClock, SinkClock, alerting, relaying
-from meterstream.runtime import tune_gc, tune_malloc
+from meterstream.runtime import background, tune_gc, tune_malloc
 from meterstream.topics import ensure_topics, topic_id
 from processors.app import Processor
 from processors.pricing import Pricer, load_overrides
@@ -372,13 +372,8 @@ async def _feed_meters(sink: Sink, meters: MeterService) -> None:
 
 @asynccontextmanager
 async def _feeding(sink: Sink, meters: MeterService) -> AsyncIterator[None]:
-    task = asyncio.create_task(_feed_meters(sink, meters))
-    try:
+    async with background(_feed_meters(sink, meters), "user-meters-feed"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.events import post_batch
 from tests.helpers.stack import MultiProcessStack
 
 pytestmark = pytest.mark.e2e
@@ -84,13 +85,7 @@ def create(url: str, slug: str, definition: dict[str, Any]) -> None:
 
 def ingest(url: str, events: list[dict[str, Any]], pause_s: float = 0.0) -> None:
     for i in range(0, len(events), 250):
-        r = httpx.post(
-            f"{url}/api/v1/events",
-            content=json.dumps(events[i : i + 250]),
-            headers={"Content-Type": "application/cloudevents-batch+json"},
-            timeout=30,
-        )
-        assert r.status_code == 204, r.text
+        post_batch(url, events[i : i + 250])
         time.sleep(pause_s)
 
 

@@ -4,7 +4,6 @@ subject shows in the very next answer, while a load for other subjects keeps the
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from tests.helpers.events import post_batch
 from tests.helpers.stack import LocalStack
 
 pytestmark = pytest.mark.e2e
@@ -39,16 +39,6 @@ def event(event_id: str, subject: str, tokens: int) -> dict[str, object]:
     }
 
 
-def send(url: str, events: list[dict[str, object]]) -> None:
-    r = httpx.post(
-        f"{url}/api/v1/events",
-        content=json.dumps(events),
-        headers={"Content-Type": "application/cloudevents-batch+json"},
-        timeout=30,
-    )
-    assert r.status_code == 204, r.text
-
-
 def hits(url: str) -> float:
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith('meterstream_query_cache_answers_total{outcome="hit"}'):
@@ -70,7 +60,7 @@ def test_a_repeated_query_is_kept_and_never_stale(stack: LocalStack) -> None:
     def others() -> None:  # other subjects' events: writes go on, and must not be mistaken for this one's
         i = 0
         while not stop.is_set():
-            send(url, [event(f"other-{i}-{j}", f"other-{j}", 1) for j in range(20)])
+            post_batch(url, [event(f"other-{i}-{j}", f"other-{j}", 1) for j in range(20)])
             i += 1
             time.sleep(0.05)
 
@@ -79,7 +69,7 @@ def test_a_repeated_query_is_kept_and_never_stale(stack: LocalStack) -> None:
     try:
         expected = Decimal(0)
         for n in range(1, 16):
-            send(url, [event(f"dash-{n}", "dash", n)])
+            post_batch(url, [event(f"dash-{n}", "dash", n)])
             expected += n
             deadline = time.monotonic() + 30
             while (got := total()) != expected:

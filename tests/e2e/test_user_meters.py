@@ -19,6 +19,7 @@ from corehttp.exceptions import HttpResponseError
 from openmeter import Client
 from openmeter.models import Event
 
+from tests.helpers.events import post_batch
 from tests.helpers.stack import LocalStack
 
 pytestmark = pytest.mark.e2e
@@ -170,14 +171,7 @@ def answer(stack: LocalStack, slug: str, size: str) -> dict[tuple[Any, ...], Dec
 
 
 def ingest(stack: LocalStack, events: list[dict[str, Any]]) -> None:
-    for i in range(0, len(events), 500):
-        r = httpx.post(
-            f"{stack.url}/api/v1/events",
-            content=json.dumps(events[i : i + 500]),
-            headers={"Content-Type": "application/cloudevents-batch+json"},
-            timeout=30,
-        )
-        assert r.status_code == 204, r.text
+    post_batch(stack.url, events)
 
 
 def stored(stack: LocalStack, slug: str, count: int) -> None:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
+import orjson
+
 from tests.helpers.truth import Sent, sent_from_canonical, sent_from_provider_usage
 
 MODELS = [("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-20250514")]
@@ -86,3 +89,15 @@ def generate(
             }
             event = {**base, "data": data}
             yield Generated(event, sent_from_canonical(event))
+
+
+def post_batch(url: str, events: list[dict[str, Any]], size: int = 500) -> None:
+    """POST ``events`` to ``url``'s ingest in batches of ``size``; every request must answer 204."""
+    for i in range(0, len(events), size):
+        r = httpx.post(
+            f"{url}/api/v1/events",
+            content=orjson.dumps(events[i : i + size]),
+            headers={"Content-Type": "application/cloudevents-batch+json"},
+            timeout=30,
+        )
+        assert r.status_code == 204, r.text
