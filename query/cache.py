@@ -8,6 +8,9 @@ subject, a version that changes when a write that may change the subject's windo
 was in flight, before and after it was read; it is given again only while they still are. So a kept answer
 is always the answer a query would give at that moment: exact, never stale.
 
+The answer is kept as the rows and as sent (JSON, CSV), rendered once: a kept answer costs the HTTP
+request and a dictionary lookup.
+
 Only where the versions are known: in the process that runs the sink, while it holds every windows
 partition (elsewhere ``version`` answers None and nothing is kept). Not for user meters (their states are
 written for events that have no built-in windows, which the versions do not track) nor for queries without
@@ -19,6 +22,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from prometheus_client import Counter
@@ -42,52 +46,96 @@ Version = Callable[[str], Hashable | None]
 _Key = tuple[Hashable, ...]
 
 
+@dataclass(slots=True)
+class _Kept:
+    versions: tuple[Hashable, ...]
+    rows: list[QueryRow]
+    #: The answer as sent, by form ("json", "csv"): rendered once.
+    rendered: dict[str, bytes | str] = field(default_factory=dict)
+
+
 class QueryCache:
     """``rows(query, read)``: ``read()``'s answer to ``query``, or the same answer kept from before while no
-    write has touched its subjects. Thread-safe (queries are answered in worker threads)."""
+    write has touched its subjects; ``answer(query, read, form, render)`` the same answer rendered (kept
+    rendered too). Thread-safe (queries are answered in worker threads)."""
 
     def __init__(self, version: Version, max_rows: int = MAX_ROWS) -> None:
         self._version = version
         self._max_rows = max_rows
-        self._kept: OrderedDict[_Key, tuple[tuple[Hashable, ...], list[QueryRow]]] = OrderedDict()
+        self._kept: OrderedDict[_Key, _Kept] = OrderedDict()
         self._rows = 0
         self._lock = threading.Lock()
 
     def rows(self, query: MeterQuery, read: Callable[[], list[QueryRow]]) -> list[QueryRow]:
+        return self._answer(query, read, None, None)[0]
+
+    def answer(
+        self,
+        query: MeterQuery,
+        read: Callable[[], list[QueryRow]],
+        form: str,
+        render: Callable[[list[QueryRow]], bytes | str],
+    ) -> bytes | str:
+        rendered = self._answer(query, read, form, render)[1]
+        assert rendered is not None
+        return rendered
+
+    def _answer(
+        self,
+        query: MeterQuery,
+        read: Callable[[], list[QueryRow]],
+        form: str | None,
+        render: Callable[[list[QueryRow]], bytes | str] | None,
+    ) -> tuple[list[QueryRow], bytes | str | None]:
         subjects = query.include.get("subject", ())
         if not isinstance(query.meter, Meter) or not subjects or len(subjects) > MAX_SUBJECTS:
-            return read()
+            return _rendered(read(), form, render)
         before = self._versions(subjects)
         if before is None:
-            return read()
+            return _rendered(read(), form, render)
         key = _key(query)
         with self._lock:
             kept = self._kept.get(key)
-            if kept is not None and kept[0] == before:
+            if kept is not None and kept.versions == before:
                 self._kept.move_to_end(key)
                 ANSWERS.labels("hit").inc()
-                return kept[1]
+                hit = kept
+            else:
+                hit = None
+        if hit is not None:
+            if form is None or render is None:
+                return hit.rows, None
+            out = hit.rendered.get(form)
+            if out is None:  # rendered outside the lock; two threads at once render the same bytes
+                out = hit.rendered[form] = render(hit.rows)
+            return hit.rows, out
         ANSWERS.labels("miss").inc()
-        answer = read()
+        rows, out = _rendered(read(), form, render)
         # Kept only if no write began or ended while it was read (a write in flight makes a version None).
-        if len(answer) <= MAX_ANSWER_ROWS and self._versions(subjects) == before:
-            self._keep(key, before, answer)
-        return answer
+        if len(rows) <= MAX_ANSWER_ROWS and self._versions(subjects) == before:
+            self._keep(key, _Kept(before, rows, {form: out} if form is not None and out is not None else {}))
+        return rows, out
 
     def _versions(self, subjects: Sequence[str]) -> tuple[Hashable, ...] | None:
         versions = tuple(self._version(s) for s in subjects)
         return None if any(v is None for v in versions) else versions
 
-    def _keep(self, key: _Key, versions: tuple[Hashable, ...], answer: list[QueryRow]) -> None:
+    def _keep(self, key: _Key, kept: _Kept) -> None:
         with self._lock:
             old = self._kept.pop(key, None)
             if old is not None:
-                self._rows -= len(old[1])
-            self._kept[key] = (versions, answer)
-            self._rows += len(answer)
+                self._rows -= len(old.rows)
+            self._kept[key] = kept
+            self._rows += len(kept.rows)
             while self._rows > self._max_rows and self._kept:
-                _, (_, dropped) = self._kept.popitem(last=False)
-                self._rows -= len(dropped)
+                _, dropped = self._kept.popitem(last=False)
+                self._rows -= len(dropped.rows)
+
+
+def _rendered(
+    rows: list[QueryRow], form: str | None, render: Callable[[list[QueryRow]], bytes | str] | None
+) -> tuple[list[QueryRow], bytes | str | None]:
+    return rows, (render(rows) if form is not None and render is not None else None)
 
 
 def _key(query: MeterQuery) -> _Key:

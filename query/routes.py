@@ -102,10 +102,13 @@ def query_routes(
     ``catalog`` adds the user-defined meters to the built-in ones; ``cache`` (in the process that writes
     the windows) answers a query again while no write has touched its subjects."""
 
-    def answer(query: MeterQuery) -> list[QueryRow]:
+    def answer(query: MeterQuery, csv: bool) -> bytes | str:
+        def render(rows: list[QueryRow]) -> bytes | str:
+            return to_csv(query, rows) if csv else to_json(query, rows)
+
         if cache is None:
-            return reader.query_meter(query)
-        return cache.rows(query, lambda: reader.query_meter(query))
+            return render(reader.query_meter(query))
+        return cache.answer(query, lambda: reader.query_meter(query), "csv" if csv else "json", render)
 
     meters = catalog or BuiltInMeters()
 
@@ -164,14 +167,15 @@ def query_routes(
             query = build_query(meter, raw)
         except Problem as problem:
             return problem_response(problem)
-        rows = await asyncio.to_thread(answer, query)
-        if wants_csv(request.headers.get("accept")):
+        csv = wants_csv(request.headers.get("accept"))
+        body = await asyncio.to_thread(answer, query, csv)
+        if csv:
             return Response(
-                to_csv(query, rows),
+                body,
                 media_type="text/csv",
                 headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"},
             )
-        return Response(to_json(query, rows), media_type="application/json")
+        return Response(body, media_type="application/json")
 
     async def query_built_in(request: Request) -> Response:
         """Meterstream's addition: several built-in meters over the same range and groups in one scan of
@@ -233,10 +237,9 @@ def query_routes(
             include={**query.include, "subject": (subject,)},
             exclude={k: v for k, v in query.exclude.items() if k != "subject"},
         )
-        rows = await asyncio.to_thread(answer, query)
-        if wants_csv(request.headers.get("accept")):
-            return Response(to_csv(query, rows), media_type="text/csv")
-        return Response(to_json(query, rows), media_type="application/json")
+        csv = wants_csv(request.headers.get("accept"))
+        body = await asyncio.to_thread(answer, query, csv)
+        return Response(body, media_type="text/csv" if csv else "application/json")
 
     async def list_events(request: Request) -> Response:
         params = request.query_params

@@ -4,7 +4,7 @@ read."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -39,7 +39,7 @@ class Storage:
 
 
 def query(*subjects: str, **kw: object) -> MeterQuery:
-    return MeterQuery(meter=TOKENS, include={"subject": subjects}, **kw)  # type: ignore[arg-type]
+    return MeterQuery(meter=TOKENS, include={"subject": subjects}, **kw)
 
 
 def test_an_answer_is_given_again_until_a_write_touches_its_subject() -> None:
@@ -100,3 +100,27 @@ def test_queries_differing_in_anything_are_kept_apart_and_the_size_is_bounded() 
     assert storage.reads == 3
     cache.rows(variants[0], storage.read)  # the least recently used went first
     assert storage.reads == 4
+
+
+def test_a_kept_answer_is_rendered_once_per_form() -> None:
+    versions, storage = Versions(), Storage()
+    cache = QueryCache(versions)
+    q = query("alice")
+    renders: list[str] = []
+
+    def render(form: str) -> Callable[[list[QueryRow]], str]:
+        def out(rows: list[QueryRow]) -> str:
+            renders.append(form)
+            return f"{form}:{rows[0].value}"
+
+        return out
+
+    assert cache.answer(q, storage.read, "json", render("json")) == "json:1"
+    assert cache.answer(q, storage.read, "json", render("json")) == "json:1"
+    assert cache.answer(q, storage.read, "csv", render("csv")) == "csv:1"
+    assert cache.answer(q, storage.read, "csv", render("csv")) == "csv:1"
+    assert (storage.reads, renders) == (1, ["json", "csv"])
+    versions.of["alice"] = (0, 2)
+    storage.value = Decimal(5)
+    assert cache.answer(q, storage.read, "json", render("json")) == "json:5"
+    assert (storage.reads, renders) == (2, ["json", "csv", "json"])
