@@ -49,12 +49,16 @@ class MeterService:
         self._clock = clock
         self._cached: list[UserMeter] | None = None
         self._cached_at = 0.0
+        #: Bumped by every change made here: a read that began before a change must not be kept as the
+        #: copy (it would hide the change for CACHE_S, e.g. a meter just made answering 404).
+        self._generation = 0
 
     async def user_meters(self) -> list[UserMeter]:
         """The user meters: the file's, then the API's (oldest first); the API's read at most CACHE_S ago."""
         if self._store is None:
             return list(self._configured)
         if self._cached is None or time.monotonic() - self._cached_at > CACHE_S:
+            generation = self._generation
             try:
                 async with self._store.tx() as tx:
                     stored = await tx.meters()
@@ -63,9 +67,14 @@ class MeterService:
                     raise Problem(503, f"the API's meters cannot be read: {exc}", headers={"Retry-After": "5"}) from exc
                 # PostgreSQL away: the meters as last read (they change rarely; ingest and queries go on).
                 log.warning("meters: %s; answering with the meters as last read", exc)
-                self._cached_at = time.monotonic()
+                if generation == self._generation:
+                    self._cached_at = time.monotonic()
                 return self._configured + self._cached
-            self._cached, self._cached_at = stored, time.monotonic()
+            if generation == self._generation:
+                self._cached, self._cached_at = stored, time.monotonic()
+            elif self._cached is None:
+                self._cached = stored  # kept, but as already out of date (_cached_at stays 0)
+            return self._configured + stored
         return self._configured + self._cached
 
     async def find(self, id_or_slug: str) -> Meter | UserMeter | None:
@@ -87,7 +96,7 @@ class MeterService:
                 raise Problem(409, f"a meter with slug {meter.slug} is {where}")
         async with store.tx() as tx:
             await tx.insert_meter(meter)  # Conflict (409) when a live meter has the slug
-        self._cached_at = 0.0
+        self._changed()
         return meter
 
     async def update(self, id_or_slug: str, raw: Any) -> UserMeter:
@@ -109,7 +118,7 @@ class MeterService:
         updated = dataclasses.replace(parsed, created_at=meter.created_at)
         async with store.tx() as tx:
             await tx.update_meter(updated)
-        self._cached_at = 0.0
+        self._changed()
         return updated
 
     async def delete(self, id_or_slug: str) -> None:
@@ -117,6 +126,11 @@ class MeterService:
         meter = await self._own(id_or_slug)
         async with store.tx() as tx:
             await tx.delete_meter(meter.id, self._clock())
+        self._changed()
+
+    def _changed(self) -> None:
+        """After a change committed here: the next read goes to the store, and no read begun before is kept."""
+        self._generation += 1
         self._cached_at = 0.0
 
     async def _own(self, id_or_slug: str) -> UserMeter:
