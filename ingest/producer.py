@@ -185,11 +185,16 @@ class EventProducer:
         return self._down_since is None
 
     def close(self, timeout_s: float = 10.0) -> int:
-        """Flush what is queued, then stop. Returns the number of records still undelivered."""
+        """Flush what is queued, then stop and close the connections (a broker that waits for its clients
+        to leave stops at once). Returns the number of records still undelivered. Sends after this fail
+        with BrokerUnavailable; ping answers False."""
         remaining: int = self._producer.flush(timeout_s)
+        self._mark_down("the producer is closed (shutting down)")
         self._stop.set()
         self._thread.join(timeout=2)
         self._watcher.join(timeout=3)
+        if not self._thread.is_alive() and not self._watcher.is_alive():
+            self._producer.close()  # nothing else uses it now (a close during a poll would deadlock)
         return remaining
 
 
