@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
 import orjson
@@ -37,6 +37,8 @@ MAX_LISTED_ERRORS: Final = 100
 
 #: Event data fields that select a price variant, and the genai-prices price context key they set.
 _SERVICE_TIERS_WITHOUT_VARIANT: Final = frozenset({"default", "auto", "standard"})
+
+_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,13 +203,17 @@ def _accept(
     exact: _ExactData | None = None,
 ) -> list[AcceptedEvent]:
     received_us = to_micros(now)
+    # The time checks in integer microseconds (exact: datetimes hold microseconds); the message from
+    # check_event_time, only for an event that fails them.
+    latest_us = received_us + policy.max_future // _MICROSECOND
     accepted: list[AcceptedEvent] = []
     errors: list[FieldError] = []
     for index, event in enumerate(events, start=offset):
         where = index if batch else None
-        time = event.time.astimezone(UTC) if event.time is not None else now
-        if (why := check_event_time(time, now, policy.max_future)) is not None:
-            errors.append(FieldError("time", why, where))
+        time_us = to_micros(event.time) if event.time is not None else received_us
+        if not 0 <= time_us <= latest_us:
+            why = check_event_time(event.time or now, now, policy.max_future)
+            errors.append(FieldError("time", why or "time is out of range", where))
             continue
         try:
             # Text, not a tree: the processor passes it through to the audit log without parsing it.
@@ -223,7 +229,7 @@ def _accept(
             "source": event.source,
             "subject": event.subject,
             "type": event.type,
-            "time_us": to_micros(time),
+            "time_us": time_us,
             "received_us": received_us,
             "data": data,
         }
@@ -292,7 +298,12 @@ def _price_context(data: Mapping[str, Any]) -> dict[str, str]:
     and ``speed`` (Anthropic's fast mode)."""
     context: dict[str, str] = {}
     usage = data.get("usage")
-    if "service_tier" not in data and "batch" not in data and "speed" not in data and not isinstance(usage, Mapping):
+    if (
+        "service_tier" not in data
+        and "batch" not in data
+        and "speed" not in data
+        and (usage is None or not isinstance(usage, Mapping))  # (None first: an ABC's isinstance is slow)
+    ):
         return context  # the common case: a standard call
     tier = data.get("service_tier")
     field = "data.service_tier"
