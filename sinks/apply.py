@@ -34,10 +34,13 @@ Source = tuple[str, int]
 @dataclass(frozen=True, slots=True)
 class MeterStep:
     """Bring ``meter``'s states up to offset ``upto`` of each source partition of ``ranges`` (from where its
-    marker stands); ``caught_up``: ``upto`` is the partition's applied offset (its backfill is done)."""
+    marker stands); ``caught_up``: ``upto`` is the partition's applied offset (its backfill is done).
+    ``events`` False: no event in those ranges is of the meter's type, so only its markers move (the audit
+    log is not read)."""
 
     meter: UserMeter
     ranges: tuple[tuple[Source, int, bool], ...]
+    events: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,10 @@ class Plan:
 
     def stored_count(self) -> int:
         return sum(len(k.positions()) for k in self.events)
+
+    def event_types(self) -> set[str]:
+        """The types of every event of the applied records (stored or not)."""
+        return {kind for kept in self.events for kind in kept.record["events"]["type"]}
 
 
 def plan_batch(

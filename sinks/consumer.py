@@ -478,6 +478,10 @@ class Sink:
         if self._meter_store is None or self._meter_reload:
             return []
         steps = []
+        # A caught-up meter's ranges are exactly the plan's records (its markers stand at the applied
+        # offsets), whose audit rows are these events (a replay's rows are the same events): a meter of
+        # another type has nothing to read there.
+        types = plan.event_types() if meters else set()
         for meter in meters:
             marks = self._meter_marks.get(meter.state_id, {})
             ranges = tuple(
@@ -486,7 +490,7 @@ class Sink:
                 if _offset(marks.get(source)) >= self._applied.get(source, -1)
             )
             if ranges:
-                steps.append(MeterStep(meter, ranges))
+                steps.append(MeterStep(meter, ranges, events=meter.event_type in types))
         return steps
 
     def _stepped(self, steps: Sequence[MeterStep], kind: str) -> None:

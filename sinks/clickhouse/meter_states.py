@@ -207,6 +207,8 @@ def step_sql(steps: Sequence[MeterStep]) -> tuple[str, dict[str, Any]]:
                 f"CAST(NULL, 'Nullable(Decimal(76, 18))'), CAST([], 'Array(String)'), {NO_LATEST}, "
                 f"{{{q}upto:Int64}}, toUInt8({{{q}caught:UInt8}})"
             )
+        if not step.events:
+            continue
         where = [*event_where(meter, params, p), f"({' OR '.join(ranges)})"]
         # A replayed record rewrote its audit rows as they were (same offsets): one of each counts.
         events = (

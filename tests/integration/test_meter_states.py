@@ -274,3 +274,26 @@ def test_events_without_a_value_are_counted_as_such(ch: ClickHouse) -> None:
         assert list(e["values_missing"]) == wanted, (audit, e["values_missing"])
     assert any(e["values_missing"] for e in listed)
     assert all(not e["values_missing"] for e in reader.list_events(EventFilter(start=T0 - timedelta(days=1))))
+
+
+def test_a_step_without_events_of_the_meter_moves_only_its_markers(ch: ClickHouse) -> None:
+    """The sink marks a step ``events=False`` when no event of its records has the meter's type: the markers
+    advance (the meter stays caught up) and no state is written; a later step with events counts them."""
+    store, reader = WindowStore(ch), MeterReader(ch)
+    (count,) = [m for m in METERS if m.aggregation == "COUNT"]
+    others = [
+        record(n, row(f"o{n}", 0, cost=None, status="not_metered") | {"type": "other", "data": "{}"}) for n in range(3)
+    ]
+    plan = Plan(events=[Kept(r, None) for r in others], offsets={("T", 0): 2})
+    assert plan.event_types() == {"other"}
+    store.write(plan, datetime.now(UTC), [MeterStep(count, ((("T", 0), 2, True),), events=False)])
+    assert {s: m.offset for s, m in store.meters.markers()[count.state_id].items()} == {("T", 0): 2}
+    assert answer(reader, MeterQuery(meter=count, window_size=WindowSize.MINUTE), True) == []
+    mine = record(3, row("t3", 0, cost=None, status="not_metered") | {"type": "tokens", "data": "{}"})
+    store.write(
+        Plan(events=[Kept(mine, None)], offsets={("T", 0): 3}),
+        datetime.now(UTC),
+        [MeterStep(count, ((("T", 0), 3, True),))],
+    )
+    assert [r.value for r in answer(reader, MeterQuery(meter=count, window_size=WindowSize.MINUTE), True)] == [1]
+    assert answer(reader, MeterQuery(meter=count), True) == answer(reader, MeterQuery(meter=count), False)
