@@ -11,15 +11,13 @@ from typing import Any, Final
 
 from clickhouse_connect.driver.client import Client
 
-from schemas.events import from_micros, to_micros
+from schemas.events import to_micros
 from schemas.meters import WINDOW_COUNTS
 from schemas.money import from_atto
 from schemas.records import AUDIT_COLUMNS, BIG_AMOUNTS_VERSION, atto
 from sinks.apply import Coords, EventKey, MeterStep, Plan, Source
 from sinks.clickhouse.connection import ClickHouse
 from sinks.clickhouse.meter_states import MeterStates
-
-_EPOCH: Final = from_micros(0)
 
 _EVENT_COLUMNS: Final = (
     "source",
@@ -204,7 +202,7 @@ def _window_columns(plan: Plan) -> list[list[Any]]:
     for (subject, provider, model, start), totals in plan.windows.items():
         values = (
             subject,
-            from_micros(start * 1_000_000),
+            start,  # DateTime takes epoch seconds as they are (no datetime per window)
             provider,
             model,
             "",
@@ -217,7 +215,7 @@ def _window_columns(plan: Plan) -> list[list[Any]]:
             column.append(value)
     for (topic, partition), offset in plan.offsets.items():
         # The offset marker of one source partition (see sinks.clickhouse.schema).
-        values = ("", _EPOCH, "", "", topic, partition, 0, 0, 0, 0, 0, 0, 0, 0, Decimal(0), offset)
+        values = ("", 0, "", "", topic, partition, 0, 0, 0, 0, 0, 0, 0, 0, Decimal(0), offset)
         for column, value in zip(columns, values, strict=True):
             column.append(value)
     return columns
