@@ -117,6 +117,20 @@ class TestValidation:
         assert accepted["time_us"] == to_micros(datetime(2026, 1, 15, 11, 0, 0, 123456, tzinfo=UTC))
 
     @pytest.mark.parametrize(
+        ("time", "why"),
+        [
+            ("0001-01-01T00:00:00+01:00", "before 1970"),  # before year 1 in UTC
+            ("9999-12-31T23:59:59-01:00", "in the future"),  # past year 9999 in UTC
+        ],
+    )
+    def test_times_outside_the_calendar_in_utc_are_a_400(self, time: str, why: str) -> None:
+        # Converting these to UTC overflows Python's datetime: they were answered 500 ("may be retried").
+        problem = rejected([event(id="ok"), event(id="bad", time=time)], "application/cloudevents-batch+json")
+        assert problem.status == 400
+        assert [(e.field, e.index) for e in problem.errors] == [("time", 1)]
+        assert why in problem.errors[0].message
+
+    @pytest.mark.parametrize(
         ("overrides", "field"),
         [
             ({"subject": ...}, "subject"),
