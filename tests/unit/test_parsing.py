@@ -236,6 +236,15 @@ def test_a_number_past_64_bits_in_data_is_a_400_naming_the_event() -> None:
     assert "64 bits" in problem.errors[0].message
 
 
+def test_a_number_past_64_bits_in_binary_mode_data_is_a_400() -> None:
+    """Binary mode's data is parsed by the cloudevents SDK, then written again (found by fuzzing: a 500)."""
+    headers = {"ce-specversion": "1.0", "ce-id": "x", "ce-source": "s", "ce-type": "other", "ce-subject": "u"}
+    problem = rejected(b'{"n": 1000000000000000000000000000000}', "application/json", **headers)
+    assert problem.status == 400
+    assert [(e.field, e.index) for e in problem.errors] == [("data", None)]
+    assert "64 bits" in problem.errors[0].message
+
+
 LITELLM = IngestPolicy(
     usage_event_type="llm.usage",
     max_batch_events=1000,
