@@ -13,7 +13,6 @@ import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, TypeVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -29,6 +28,7 @@ from pydantic import (
 
 from control.periods import Interval
 from schemas.problems import FieldError, Problem
+from schemas.times import is_time_zone
 
 KEY_PATTERN = r"^[a-z0-9]+(?:_[a-z0-9]+)*$"
 Key = Annotated[str, Field(pattern=KEY_PATTERN, max_length=64)]
@@ -80,10 +80,8 @@ class PeriodIn(_In):
     @field_validator("timeZone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown IANA time zone: {value}") from None
+        if not is_time_zone(value):
+            raise ValueError(f"unknown IANA time zone: {value[:100]}")
         return value
 
 

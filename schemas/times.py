@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from schemas.problems import bad
 
@@ -30,3 +31,13 @@ def parse_time(field: str, value: Any, check: Callable[[datetime], datetime] | N
         return parsed.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
         raise bad(field, f"{value!r} is out of range") from None
+
+
+def is_time_zone(name: str) -> bool:
+    """Whether ``name`` is an IANA time zone the tz database here knows. (ZoneInfo raises OSError, not
+    ZoneInfoNotFoundError, for a name too long to be a file name: that was a 500.)"""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True

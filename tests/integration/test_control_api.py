@@ -73,6 +73,7 @@ async def test_bad_features_name_the_field(api: httpx.AsyncClient, body: dict[st
         ({**METERED, "usagePeriod": {"interval": "FORTNIGHT"}}, "usagePeriod.interval"),
         ({**METERED, "usagePeriod": {"interval": "PT5M"}}, "usagePeriod.interval"),
         ({**METERED, "usagePeriod": {"interval": "MONTH", "timeZone": "Mars/Olympus_Mons"}}, "usagePeriod.timeZone"),
+        ({**METERED, "usagePeriod": {"interval": "MONTH", "timeZone": "A" * 300}}, "usagePeriod.timeZone"),
         ({**METERED, "usagePeriod": {"interval": "MONTH", "anchor": "2026-01-01T00:00:00"}}, "usagePeriod.anchor"),
         ({**METERED, "issueAfterReset": -5}, "issueAfterReset"),
         ({**METERED, "issueAfterResetPriority": 3}, "issueAfterResetPriority"),
@@ -140,6 +141,11 @@ async def test_status_codes_conflicts_and_not_found(api: httpx.AsyncClient) -> N
     assert problem(await api.delete("/api/v1/features/sso"), 404)
     history = await api.get("/api/v1/subjects/bob/entitlements/x/history")
     assert "windowSize" in fields(problem(history, 400))
+    for zone in ("Europe/Atlantis", "A" * 300):
+        history = await api.get(
+            "/api/v1/subjects/bob/entitlements/x/history", params={"windowSize": "DAY", "windowTimeZone": zone}
+        )
+        assert "windowTimeZone" in fields(problem(history, 400))
 
 
 async def test_bad_plans_name_the_field(api: httpx.AsyncClient) -> None:

@@ -83,6 +83,7 @@ class TestParams:
             ((("windowSize", "WEEK"),), "windowSize"),
             ((("windowTimeZone", "Mars/Olympus"),), "windowTimeZone"),
             ((("windowTimeZone", "../etc/passwd"),), "windowTimeZone"),
+            ((("windowTimeZone", "A" * 300),), "windowTimeZone"),  # too long for a file name: was a 500
             ((("groupBy", "customer"),), "groupBy"),
             ((("groupBy", "model; DROP TABLE x"),), "groupBy"),
             ((("filterGroupBy[region]", "eu"),), "filterGroupBy"),
