@@ -9,7 +9,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -124,7 +124,12 @@ def _bucket(t: datetime, window: str | None, zone: str) -> tuple[datetime, datet
         return start, start + timedelta(minutes=1)
     local = t.astimezone(tz)
     if window == "HOUR":
-        start = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+        # The local hour at the minute's own UTC offset: where a change falls inside a local hour (Chatham's at
+        # 03:45, Lord Howe's 30 minutes), re-resolving the hour's start in the zone would give a window that does
+        # not hold the minute.
+        fixed = local.replace(minute=0, second=0, microsecond=0, tzinfo=timezone(local.utcoffset() or timedelta()))
+        start = fixed.astimezone(UTC)
+        assert start <= t < start + timedelta(hours=1), (t, zone)
         return start, start + timedelta(hours=1)
     if window == "DAY":
         day = local.date()

@@ -6,6 +6,7 @@ import gc
 import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -81,6 +82,34 @@ def test_time_zone_windows_match_the_calendar(ch: ClickHouse, zone: str) -> None
         assert got == expected(sent, "requests", window=window, zone=zone), (zone, window)
         starts = [r.window_start for r in rows]
         assert starts == sorted(starts)
+
+
+# More zones, each over two days around each of its 2024 changes: Chatham (+12:45, DST at 02:45 local),
+# Troll (a two-hour DST), Dublin (tzdata's negative DST: winter is the "saving" time), Casablanca (clocks
+# go back for Ramadan, forward after), St John's (-03:30 with DST), Lord Howe (a 30-minute DST; the SPANS
+# above miss its changes).
+ZONE_CHANGES = {
+    "Pacific/Chatham": (datetime(2024, 4, 6, tzinfo=UTC), datetime(2024, 9, 28, tzinfo=UTC)),
+    "Antarctica/Troll": (datetime(2024, 3, 30, tzinfo=UTC), datetime(2024, 10, 26, tzinfo=UTC)),
+    "Europe/Dublin": (datetime(2024, 3, 30, tzinfo=UTC), datetime(2024, 10, 26, tzinfo=UTC)),
+    "Africa/Casablanca": (datetime(2024, 3, 9, tzinfo=UTC), datetime(2024, 4, 13, tzinfo=UTC)),
+    "America/St_Johns": (datetime(2024, 3, 9, tzinfo=UTC), datetime(2024, 11, 2, tzinfo=UTC)),
+    "Australia/Lord_Howe": (datetime(2024, 4, 6, tzinfo=UTC), datetime(2024, 10, 5, tzinfo=UTC)),
+}
+
+
+@pytest.mark.parametrize("zone", sorted(ZONE_CHANGES))
+def test_more_time_zone_changes_match_the_calendar(ch: ClickHouse, zone: str) -> None:
+    starts = ZONE_CHANGES[zone]
+    times = [t for start in starts for t in minutes(start, start + timedelta(days=2))]
+    assert any(ZoneInfo(zone).utcoffset(t) != ZoneInfo(zone).utcoffset(starts[0]) for t in times)  # a change
+    WindowStore(ch).write(window_plan(times), datetime.now(UTC))
+    sent = [Sent(str(i), "x", "s", t, "openai", "gpt-4o-mini", {}, Decimal("0.000001")) for i, t in enumerate(times)]
+    reader = MeterReader(ch)
+    for window in ("HOUR", "DAY", "MONTH"):
+        rows = reader.query_meter(MeterQuery(meter=REQUESTS, window_size=WindowSize(window), time_zone=zone))
+        got = {(r.window_start, r.window_end, None, ()): r.value for r in rows}
+        assert got == expected(sent, "requests", window=window, zone=zone), (zone, window)
 
 
 def test_a_retried_insert_is_not_applied_twice(ch: ClickHouse) -> None:
