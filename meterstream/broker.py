@@ -12,12 +12,14 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from schemas.problems import MeterstreamError
 
@@ -39,11 +41,36 @@ def tansu_binary() -> Path:
     return path
 
 
+#: Where the kernel's ephemeral ports (those of outgoing connections) begin, if it says.
+_EPHEMERAL_RANGE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+#: Listening ports are picked from this many ports below that range.
+_BELOW_EPHEMERAL: Final = 16_000
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
+    """A free port on 127.0.0.1 for a server that will listen on it a moment later. Picked below the kernel's
+    ephemeral range where there is room: a port the kernel hands out (``bind`` to port 0) can be given to an
+    outgoing connection, ours to the broker or PostgreSQL among them, before the server binds it, which then
+    fails with "address already in use" (seen in the tests)."""
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low - _BELOW_EPHEMERAL >= 1024:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randrange(low - _BELOW_EPHEMERAL, low)
+            if port in _GIVEN:  # not bound yet, perhaps: never the same port twice from one process
+                continue
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.bind(("127.0.0.1", port))
+                _GIVEN.add(port)
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def _answers(port: int) -> bool:
