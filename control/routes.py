@@ -51,7 +51,7 @@ from control.meters import MeterService
 from control.service import ControlService
 from control.store import Conflict, Listing, StoreUnavailable
 from schemas.problems import PROBLEM_JSON, Problem, bad
-from schemas.times import is_time_zone, parse_time
+from schemas.times import parse_time, parse_time_zone
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +263,7 @@ def control_routes(service: ControlService) -> list[Route]:
         if "windowSize" not in request.query_params:
             raise bad("windowSize", "is required (MINUTE, HOUR, DAY or MONTH)")
         window_size = _choice(request, "windowSize", ("MINUTE", "HOUR", "DAY", "MONTH"), "DAY")
-        zone = request.query_params.get("windowTimeZone") or "UTC"
-        if not is_time_zone(zone):
-            raise bad("windowTimeZone", f"invalid time zone: {zone[:100]}")
+        zone = parse_time_zone("windowTimeZone", request.query_params.get("windowTimeZone") or "UTC")
         history = await service.history(
             p["subject"],
             p["entitlementId"],

@@ -15,18 +15,10 @@ from typing import Any, Final
 from schemas.meters import Meter, UserMeter
 from schemas.problems import bad
 from schemas.query import MeterQuery, WindowSize
-from schemas.times import is_time_zone, parse_time
+from schemas.times import parse_time, parse_time_zone
 
 MAX_LIST: Final = 100
 _OPERATORS: Final = ("$eq", "$ne", "$in", "$nin")
-
-
-def parse_time_zone(value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise bad("windowTimeZone", "must be an IANA time zone name, e.g. Europe/Budapest")
-    if not is_time_zone(value):
-        raise bad("windowTimeZone", f"invalid time zone: {value[:100]}")
-    return value
 
 
 def _strings(field: str, values: Any) -> tuple[str, ...]:
@@ -127,7 +119,8 @@ def build_query(meter: Meter | UserMeter, raw: Mapping[str, Any]) -> MeterQuery:
             window_size = WindowSize(raw["windowSize"])
         except ValueError:
             raise bad("windowSize", f"must be one of {', '.join(w.value for w in WindowSize)}") from None
-    time_zone = parse_time_zone(raw["windowTimeZone"]) if raw.get("windowTimeZone") is not None else "UTC"
+    zone = raw.get("windowTimeZone")
+    time_zone = parse_time_zone("windowTimeZone", zone) if zone is not None else "UTC"
     client_id = raw.get("clientId")
     if client_id is not None and (not isinstance(client_id, str) or not 1 <= len(client_id) <= 36):
         raise bad("clientId", "must be 1 to 36 characters")

@@ -41,3 +41,12 @@ def is_time_zone(name: str) -> bool:
     except (ZoneInfoNotFoundError, ValueError, OSError):
         return False
     return True
+
+
+def parse_time_zone(field: str, value: Any) -> str:
+    """An IANA time zone name, as given; a 400 naming ``field`` otherwise."""
+    if not isinstance(value, str) or not value:
+        raise bad(field, "must be an IANA time zone name, e.g. Europe/Budapest")
+    if not is_time_zone(value):
+        raise bad(field, f"invalid time zone: {value[:100]}")
+    return value
