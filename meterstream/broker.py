@@ -16,6 +16,7 @@ import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ def tansu_binary() -> Path:
 _EPHEMERAL_RANGE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
 #: Listening ports are picked from this many ports below that range.
 _BELOW_EPHEMERAL: Final = 16_000
+#: A port given out is not given again, by any process of this user, for this long (a server binds it well
+#: within that; after it, a port still in use fails the bind check anyway).
+_RESERVED_S: Final = 900.0
 _GIVEN: set[int] = set()
 
 
@@ -52,16 +56,18 @@ def free_port() -> int:
     """A free port on 127.0.0.1 for a server that will listen on it a moment later. Picked below the kernel's
     ephemeral range where there is room: a port the kernel hands out (``bind`` to port 0) can be given to an
     outgoing connection, ours to the broker or PostgreSQL among them, before the server binds it, which then
-    fails with "address already in use" (seen in the tests)."""
+    fails with "address already in use" (seen in the tests). A port is also reserved, by a file, against every
+    other process of this user that picks one here (the tests' workers and the ``meterstream up`` they start
+    each pick ports; two of them once picked the same one, again seen in the tests)."""
     try:
         low = int(_EPHEMERAL_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 0
     if low - _BELOW_EPHEMERAL >= 1024:
         rng = random.SystemRandom()
-        for _ in range(100):
+        for _ in range(200):
             port = rng.randrange(low - _BELOW_EPHEMERAL, low)
-            if port in _GIVEN:  # not bound yet, perhaps: never the same port twice from one process
+            if port in _GIVEN or not _reserve(port):
                 continue
             with socket.socket() as sock, contextlib.suppress(OSError):
                 sock.bind(("127.0.0.1", port))
@@ -71,6 +77,30 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         chosen: int = sock.getsockname()[1]
         return chosen
+
+
+def _reserve(port: int) -> bool:
+    """Claim ``port`` for this process unless another claimed it within the last ``_RESERVED_S``. Atomic across
+    processes: the claim is an exclusive create, and a stale claim is renamed away first, which only one
+    process can do."""
+    directory = Path(tempfile.gettempdir()) / f"meterstream-ports-{os.getuid()}"
+    claim = directory / str(port)
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            if time.time() - claim.stat().st_mtime < _RESERVED_S:
+                return False
+            stale = directory / f"{port}.stale.{os.getpid()}.{time.monotonic_ns()}"
+            claim.rename(stale)
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # no place for claims (a read-only temp dir): the bind check alone, as before
+    return True
 
 
 def _answers(port: int) -> bool:
