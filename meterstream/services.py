@@ -9,6 +9,7 @@ bundled broker and the embedded engine.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 import yaml
@@ -85,6 +86,7 @@ from sinks.consumer import Sink
 from ui.routes import ui_routes
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: How long a clean local shutdown waits for accepted events to reach storage.
 DRAIN_TIMEOUT_S = 60.0
@@ -486,6 +488,15 @@ def run_query(settings: QuerySettings) -> None:
 # -- everything, locally --------------------------------------------------------------------------------
 
 
+def _in_background(call: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
+    """``call(*args)`` in a thread of its own; its result (or exception) from the future."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background-start")
+    try:
+        return pool.submit(call, *args)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends when the call returns
+
+
 def local_app(local: LocalSettings) -> Starlette:
     """Ingest, processor, sink and query in one process, on the bundled broker and the embedded engine."""
     processor_settings = ProcessorSettings()
@@ -493,6 +504,9 @@ def local_app(local: LocalSettings) -> Starlette:
     data_dir = local.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     state_file = data_dir / "broker.json"
+    postgres = local.postgres
+    # The embedded PostgreSQL starts (~1 s, more on a first run) while the broker and the engine do.
+    starting_pg = _in_background(EmbeddedPostgres.start, data_dir / "postgres") if postgres.dsn is None else None
     broker, reused = reuse_or_start(state_file, local.broker_port)
     if reused:
         log.info("meterstream: the broker from the previous run is still up; resuming its unprocessed events")
@@ -509,12 +523,10 @@ def local_app(local: LocalSettings) -> Starlette:
     )
     ensure_topics(kafka, topics, allowed_lateness_s=processor_settings.allowed_lateness_s, single_broker=True)
     events_topic_id = topic_id(kafka, topics.events)
-    postgres = local.postgres
-    embedded_pg = None
-    if postgres.dsn is None:
-        embedded_pg = EmbeddedPostgres.start(data_dir / "postgres")
-        postgres = postgres.model_copy(update={"dsn": SecretStr(embedded_pg.uri)})
     ch, sink, reader = _sink_parts(sink_settings)
+    embedded_pg = starting_pg.result() if starting_pg is not None else None
+    if embedded_pg is not None:
+        postgres = postgres.model_copy(update={"dsn": SecretStr(embedded_pg.uri)})
     store = make_store(postgres)
     processor = Processor(processor_settings, pricer, events_topic_id)
     producer = EventProducer(

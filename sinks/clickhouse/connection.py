@@ -11,11 +11,19 @@ import threading
 from typing import Any, Final
 
 import clickhouse_connect
+from clickhouse_connect.driver import options
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError, ProgrammingError
 
 from schemas.problems import MeterstreamError
 from schemas.settings import ClickHouseSettings
+
+# Every insert asks whether its rows are a pandas DataFrame, and the first one imports pandas to find out
+# (installed with the embedded engine): ~1 s at each process start. We insert lists of rows only; the
+# DataFrame parts of the client are never used.
+if "pd" not in vars(options):
+    options.pd = None
+    options.pd_time_test = None
 
 #: ClickHouse error codes that mean "the storage is not there" rather than "the query is wrong".
 STORAGE_UNAVAILABLE_CODES: Final = frozenset({107, 159, 209, 210, 241, 242, 243, 999, 1001})

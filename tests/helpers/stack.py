@@ -95,8 +95,15 @@ class LocalStack:
         self.service = Service(
             ["up", "--port", str(self.port), "--data-dir", str(self.data_dir)],
             # Authentication is tested on its own (tests/e2e/test_access.py); elsewhere it is off unless a test
-            # turns it on.
-            {"METERSTREAM_LOCAL_AUTH__ENABLED": "false", **self.env},
+            # turns it on. Short consumer sessions, as in MultiProcessStack: a group join waits half the
+            # session on this broker (3 s of each start with the default 6 s), and a restart after a kill
+            # waits for the dead member's session to end.
+            {
+                "METERSTREAM_LOCAL_AUTH__ENABLED": "false",
+                "METERSTREAM_SINK_SESSION_TIMEOUT_S": "2",
+                "METERSTREAM_PROCESSOR_SESSION_TIMEOUT_S": "2",
+                **self.env,
+            },
             self.data_dir.parent / f"{self.data_dir.name}.log",
         )
         self.service.start()
