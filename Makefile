@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## Lint, type-check and run every test (unit, integration, end-to-end, the usage pages in a browser)
 test: $(STAMP) browser lint typecheck
-	$(BIN)/pytest -n 3 --dist loadfile tests
+	$(BIN)/pytest -n 3 --dist loadfile --no-loadscope-reorder tests
 
 ## Debian's chromium and chromedriver for the usage pages' browser tests (installed once, with apt)
 browser:
