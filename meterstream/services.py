@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import uvicorn
 import yaml
@@ -86,7 +86,6 @@ from sinks.consumer import Sink
 from ui.routes import ui_routes
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 #: How long a clean local shutdown waits for accepted events to reach storage.
 DRAIN_TIMEOUT_S = 60.0
@@ -488,15 +487,6 @@ def run_query(settings: QuerySettings) -> None:
 # -- everything, locally --------------------------------------------------------------------------------
 
 
-def _in_background(call: Callable[..., _T], *args: Any) -> concurrent.futures.Future[_T]:
-    """``call(*args)`` in a thread of its own; its result (or exception) from the future."""
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background-start")
-    try:
-        return pool.submit(call, *args)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends when the call returns
-
-
 def local_app(local: LocalSettings) -> Starlette:
     """Ingest, processor, sink and query in one process, on the bundled broker and the embedded engine."""
     processor_settings = ProcessorSettings()
@@ -506,7 +496,9 @@ def local_app(local: LocalSettings) -> Starlette:
     state_file = data_dir / "broker.json"
     postgres = local.postgres
     # The embedded PostgreSQL starts (~1 s, more on a first run) while the broker and the engine do.
-    starting_pg = _in_background(EmbeddedPostgres.start, data_dir / "postgres") if postgres.dsn is None else None
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="postgres-start")
+    starting_pg = pool.submit(EmbeddedPostgres.start, data_dir / "postgres") if postgres.dsn is None else None
+    pool.shutdown(wait=False)  # its thread ends when the start returns
     broker, reused = reuse_or_start(state_file, local.broker_port)
     if reused:
         log.info("meterstream: the broker from the previous run is still up; resuming its unprocessed events")

@@ -18,6 +18,9 @@ import httpx
 from meterstream.broker import free_port
 
 BIN = Path(sys.executable).parent
+#: The sink's and processors' consumer session in the tests' stacks (6 s by default): a group join waits
+#: half the session on the bundled broker, and a restart after a kill waits for the dead member's to end.
+SESSION_TIMEOUT_S = "2"
 
 
 def wait_ready(url: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -95,13 +98,11 @@ class LocalStack:
         self.service = Service(
             ["up", "--port", str(self.port), "--data-dir", str(self.data_dir)],
             # Authentication is tested on its own (tests/e2e/test_access.py); elsewhere it is off unless a test
-            # turns it on. Short consumer sessions, as in MultiProcessStack: a group join waits half the
-            # session on this broker (3 s of each start with the default 6 s), and a restart after a kill
-            # waits for the dead member's session to end.
+            # turns it on.
             {
                 "METERSTREAM_LOCAL_AUTH__ENABLED": "false",
-                "METERSTREAM_SINK_SESSION_TIMEOUT_S": "2",
-                "METERSTREAM_PROCESSOR_SESSION_TIMEOUT_S": "2",
+                "METERSTREAM_SINK_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S,
+                "METERSTREAM_PROCESSOR_SESSION_TIMEOUT_S": SESSION_TIMEOUT_S,
                 **self.env,
             },
             self.data_dir.parent / f"{self.data_dir.name}.log",
@@ -210,14 +211,14 @@ class MultiProcessStack:
         if service in ("ingest", "sink"):
             env[f"{prefix}AUTH__ENABLED"] = "false"  # off unless a test turns it on (it has tests of its own)
         if service == "processor":
-            env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
+            env[f"{prefix}SESSION_TIMEOUT_S"] = SESSION_TIMEOUT_S
             env[f"{prefix}METRICS_PORT"] = str(free_port())
         if service == "sink":
             env[f"{prefix}CLICKHOUSE__DSN"] = f"chdb://{self.base / 'clickhouse'}"
             if self.postgres is not None:
                 env[f"{prefix}POSTGRES__DSN"] = self.postgres.uri
             env[f"{prefix}PORT"] = str(self.sink_port)
-            env[f"{prefix}SESSION_TIMEOUT_S"] = "2"
+            env[f"{prefix}SESSION_TIMEOUT_S"] = SESSION_TIMEOUT_S
         if service == "ingest":
             env[f"{prefix}PORT"] = str(self.ingest_port)
             if self.postgres is not None:
