@@ -13,17 +13,25 @@ A ``charset`` parameter is accepted if it names UTF-8. A request is accepted or 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import orjson
 from cloudevents.exceptions import GenericException as CloudEventsSdkError
 from cloudevents.http import from_http
 from pydantic import ValidationError
 
-from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH, CloudEvent, check_event_time, has_float, to_micros
+from schemas.events import (
+    CLOUD_EVENT,
+    CLOUD_EVENT_BATCH,
+    CloudEvent,
+    check_event_time,
+    fast_events,
+    has_float,
+    to_micros,
+)
 from schemas.problems import FieldError, Problem
 from schemas.records import AcceptedEvent
 from schemas.usage import UsageError, canonical_provider, normalize_usage, resolve_model
@@ -73,18 +81,30 @@ def parse_request(headers: Mapping[str, str], body: bytes, policy: IngestPolicy,
         Problem: 400 (invalid, listing each event index and field), 413 (too many events) or 415.
     """
     kind = media_type(headers.get("content-type"))
-    binary = any(key.lower() == "ce-specversion" for key in headers)
     if kind == STRUCTURED:
-        return _accept([_validate_one(body)], policy, now, batch=False, exact=_ExactData(body, "event"))
+        return _accept_one(body, policy, now)
     if kind == BATCH:
         return _accept_batch(body, policy, now, allow_empty=True)
-    if binary:
+    if any(key.lower() == "ce-specversion" for key in headers):
         return _accept([_from_binary(headers, body)], policy, now, batch=False, exact=_ExactData(body, "data"))
     if kind == JSON:
         if body.lstrip().startswith(b"["):
             return _accept_batch(body, policy, now, allow_empty=False)
-        return _accept([_validate_one(body)], policy, now, batch=False, exact=_ExactData(body, "event"))
+        return _accept_one(body, policy, now)
     raise Problem(415, f"unsupported Content-Type {kind!r}: send {STRUCTURED}, {BATCH} or {JSON}")
+
+
+# Each request is tried on the fast path first (one msgspec decode, see schemas.events.fast_events), and
+# only a request it refuses, or whose events fail a check, takes the exact path: that path alone decides
+# what is refused and words every error, so the fast path changes no answer, only the cost of a valid one.
+def _accept_one(body: bytes, policy: IngestPolicy, now: datetime) -> list[AcceptedEvent]:
+    event = fast_events(body, batch=False)
+    if event is not None:
+        try:
+            return _accept([event], policy, now, batch=False, exact=_ExactData(body, "event"))
+        except Problem:
+            pass
+    return _accept([_validate_one(body)], policy, now, batch=False, exact=_ExactData(body, "event"))
 
 
 def _validate_one(body: bytes) -> CloudEvent:
@@ -100,6 +120,18 @@ def _validate_one(body: bytes) -> CloudEvent:
 
 
 def _accept_batch(body: bytes, policy: IngestPolicy, now: datetime, *, allow_empty: bool) -> list[AcceptedEvent]:
+    events = fast_events(body, batch=True)
+    if events and len(events) <= policy.max_batch_events:
+        try:
+            return _accept(events, policy, now, batch=True, exact=_ExactData(body, "batch"))
+        except Problem:
+            pass
+    return _accept_batch_exactly(body, policy, now, allow_empty=allow_empty)
+
+
+def _accept_batch_exactly(
+    body: bytes, policy: IngestPolicy, now: datetime, *, allow_empty: bool
+) -> list[AcceptedEvent]:
     # Count before validating: a 100,000-event batch is refused without building 100,000 models.
     try:
         raw = orjson.loads(body)
@@ -197,8 +229,25 @@ def _problem(errors: list[FieldError]) -> Problem:
     return Problem(400, f"invalid request: {detail}", listed)
 
 
+class _Event(Protocol):
+    """An event as `_accept` reads it: a CloudEvent, or the fast path's equivalent."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def time(self) -> datetime | None: ...
+    @property
+    def data(self) -> dict[str, Any] | None: ...
+
+
 def _accept(
-    events: list[CloudEvent],
+    events: Sequence[_Event],
     policy: IngestPolicy,
     now: datetime,
     *,
