@@ -23,12 +23,12 @@ from cloudevents.exceptions import GenericException as CloudEventsSdkError
 from cloudevents.http import from_http
 from pydantic import ValidationError
 
+from ingest.fast import fast_events
 from schemas.events import (
     CLOUD_EVENT,
     CLOUD_EVENT_BATCH,
     CloudEvent,
     check_event_time,
-    fast_events,
     has_float,
     to_micros,
 )
@@ -94,7 +94,7 @@ def parse_request(headers: Mapping[str, str], body: bytes, policy: IngestPolicy,
     raise Problem(415, f"unsupported Content-Type {kind!r}: send {STRUCTURED}, {BATCH} or {JSON}")
 
 
-# Each request is tried on the fast path first (one msgspec decode, see schemas.events.fast_events), and
+# Each request is tried on the fast path first (one msgspec decode, see ingest/fast.py), and
 # only a request it refuses, or whose events fail a check, takes the exact path: that path alone decides
 # what is refused and words every error, so the fast path changes no answer, only the cost of a valid one.
 def _accept_one(body: bytes, policy: IngestPolicy, now: datetime) -> list[AcceptedEvent]:

@@ -1,4 +1,4 @@
-"""Ingest's fast path (msgspec, ``schemas.events.fast_events``) changes no answer: for any body, the answer
+"""Ingest's fast path (msgspec, ``ingest.fast.fast_events``) changes no answer: for any body, the answer
 of ``parse_request`` (the accepted events, or the Problem with every error) is the exact path's, and what
 the fast decoder accepts, pydantic's CloudEvent accepts with the same values. Bodies are built to sit on the
 two decoders' known differences: control characters (escaped, raw DEL), string lengths at the limits
@@ -16,8 +16,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ingest import parsing
+from ingest.fast import fast_events
 from ingest.parsing import IngestPolicy, parse_request
-from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH, fast_events
+from schemas.events import CLOUD_EVENT, CLOUD_EVENT_BATCH
 from schemas.problems import Problem
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)
