@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import yaml
 from genai_prices import Usage
@@ -47,9 +47,11 @@ class PriceOverrideError(MeterstreamError):
     """The price override file is invalid."""
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
-    """What one call cost, in atto-dollars (1e-18 USD, exact), and where the price came from."""
+class Price(NamedTuple):
+    """What one call cost, in atto-dollars (1e-18 USD, exact), and where the price came from.
+
+    A named tuple, not a frozen dataclass: one is made per priced event, and a tuple is built ~4x faster
+    than a frozen dataclass (which sets each field through object.__setattr__)."""
 
     input_atto: int
     output_atto: int
@@ -207,10 +209,16 @@ class _Affine:
     keys: tuple[str, ...]
     coefficients: tuple[tuple[int, int, int], ...]
     constant: tuple[int, int, int]
+    #: (key, input, output, total coefficient) per key: what ``apply`` loops over, unpacked once.
+    terms: tuple[tuple[str, int, int, int], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        terms = tuple((key, *c) for key, c in zip(self.keys, self.coefficients, strict=True))
+        object.__setattr__(self, "terms", terms)
 
     def apply(self, usage: Mapping[str, int]) -> tuple[int, int, int]:
         cin, cout, ctotal = self.constant
-        for key, (a, b, c) in zip(self.keys, self.coefficients, strict=True):
+        for key, a, b, c in self.terms:
             count = usage[key]
             cin += a * count
             cout += b * count
@@ -237,6 +245,8 @@ class Pricer:
         self._by_minute: dict[tuple[Any, ...], _Resolved | str] = {}
         self._resolved: dict[tuple[Any, ...], _Resolved | str] = {}
         self._affine: dict[tuple[Any, ...], _Affine | None] = {}
+        #: (resolve key, usage keys) -> the untiered price and its coefficients: the fast path's one lookup.
+        self._untiered: dict[tuple[Any, ...], tuple[_Resolved, _Affine]] = {}
         self._check_every = check_every
         self._priced = 0
         #: Events priced by the fast path that disagreed with calc_price (should stay 0).
@@ -256,6 +266,16 @@ class Pricer:
         # minute: the per-event cost is a few dict lookups and integer multiplications.
         context_key = tuple(sorted(context.items())) if context else None
         resolve_key = (provider, model, context_key, time_us // 60_000_000)
+        keys = tuple(usage)  # insertion order: one cache entry per payload shape, no sorting per event
+        # The common case in one lookup: an untiered price whose coefficients for these keys are known.
+        known = self._untiered.get((resolve_key, keys))
+        if known is not None:
+            cin, cout, ctotal = known[1].apply(usage)
+            price = Price(cin, cout, ctotal, known[0].source)
+            self._priced += 1
+            if self._check_every and self._priced % self._check_every == 0:
+                return self._verified(price, known[0], usage, provider, model)
+            return price
         resolved = self._by_minute.get(resolve_key)
         if resolved is None:
             if len(self._by_minute) >= _MAX_CACHE_ENTRIES:
@@ -264,7 +284,6 @@ class Pricer:
             self._by_minute[resolve_key] = resolved
         if isinstance(resolved, str):
             return Unpriced(resolved)
-        keys = tuple(usage)  # insertion order: one cache entry per payload shape, no sorting per event
         bucket = _bucket(resolved.tier_starts, usage.get("input_tokens", 0)) if resolved.tier_starts else 0
         affine_key = (id(resolved), keys, bucket)
         affine = self._affine.get(affine_key, _MISSING)
@@ -275,15 +294,27 @@ class Pricer:
             self._affine[affine_key] = affine
         if affine is None:
             return self._slow(resolved, usage)
+        if not resolved.tier_starts:
+            if len(self._untiered) >= _MAX_CACHE_ENTRIES:
+                self._untiered.clear()
+            self._untiered[resolve_key, keys] = (resolved, affine)
         cin, cout, ctotal = affine.apply(usage)
         price = Price(cin, cout, ctotal, resolved.source)
         self._priced += 1
         if self._check_every and self._priced % self._check_every == 0:
-            reference = self._slow(resolved, usage)
-            if reference != price:
-                self.mismatches += 1
-                log.error("pricing fast path disagrees with calc_price for %s/%s %s", provider, model, dict(usage))
-                return reference
+            return self._verified(price, resolved, usage, provider, model)
+        return price
+
+    def _verified(
+        self, price: Price, resolved: _Resolved, usage: Mapping[str, int], provider: str, model: str
+    ) -> Price | Unpriced:
+        """The fast path's price checked against calc_price's (every ``check_every`` events): calc_price's
+        answer wins a disagreement, which is counted and logged."""
+        reference = self._slow(resolved, usage)
+        if reference != price:
+            self.mismatches += 1
+            log.error("pricing fast path disagrees with calc_price for %s/%s %s", provider, model, dict(usage))
+            return reference
         return price
 
     def quote(self, provider: str, model: str, when: datetime, context: Mapping[str, str] | None = None) -> Quote:

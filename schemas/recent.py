@@ -44,8 +44,15 @@ class RecentKeys(Generic[K, V]):
             self._old, self._young = self._young, {}
 
     def add_all(self, items: Iterable[tuple[K, V]]) -> None:
+        """``add`` each of ``items`` in turn (the same generations), without a method call per key."""
+        if self._generation <= 0:
+            return
+        young, generation = self._young, self._generation
         for key, value in items:
-            self.add(key, value)
+            young[key] = value
+            if len(young) >= generation:
+                self._old, self._young = young, {}
+                young = self._young
 
     def clear(self) -> None:
         self._young, self._old = {}, {}

@@ -74,11 +74,12 @@ class Kept:
     def keys_and_coords(self) -> Iterator[tuple[EventKey, Coords]]:
         r = self.record
         events = r["events"]
-        for i in self.positions():
-            yield (
-                (events["source"][i], events["id"][i]),
-                (r["topic_id"], r["partition"], r["offset"], events["index"][i]),
-            )
+        topic, partition, offset = r["topic_id"], r["partition"], r["offset"]
+        if self.rows is None:  # every row: zipped columns, no indexing per row
+            keys = zip(events["source"], events["id"], strict=True)
+            return zip(keys, ((topic, partition, offset, index) for index in events["index"]), strict=True)
+        sources, ids, indexes = events["source"], events["id"], events["index"]
+        return (((sources[i], ids[i]), (topic, partition, offset, indexes[i])) for i in self.rows)
 
 
 @dataclass(slots=True)
@@ -141,7 +142,21 @@ def plan_batch(
             window = (delta["subject"], delta["provider"], delta["model"], delta["window_start"])
             totals = windows.get(window)
             if totals is None:
-                totals = windows[window] = Totals()
+                # The common case (a window first seen in this batch): built from the delta at once.
+                windows[window] = Totals(
+                    [
+                        delta["requests"],
+                        delta["input_tokens"],
+                        delta["output_tokens"],
+                        delta["cache_read_tokens"],
+                        delta["cache_write_tokens"],
+                        delta["reasoning_tokens"],
+                        delta["total_tokens"],
+                        delta["unpriced_requests"],
+                    ],
+                    atto(delta["cost_atto"]),
+                )
+                continue
             counts = totals.counts
             counts[0] += delta["requests"]
             counts[1] += delta["input_tokens"]
@@ -162,7 +177,8 @@ def plan_batch(
     else:
         _deduplicate(plan, accepted, stored)
 
-    for window in [w for w, totals in plan.windows.items() if totals.is_zero()]:
+    # Only a window without requests can be zero (the requests count is checked first: it is cheap).
+    for window in [w for w, totals in plan.windows.items() if totals.counts[0] == 0 and totals.is_zero()]:
         del plan.windows[window]
     return plan
 

@@ -714,15 +714,23 @@ class Sink:
         now = stored_at.timestamp()
         stored = 0
         for kept in plan.events:
-            statuses_column = kept.record["events"]["status"]
-            for i, (key, coords) in zip(kept.positions(), kept.keys_and_coords(), strict=True):
-                if statuses_column[i] == "failed":
-                    continue  # not a stored key (see sinks.apply)
-                self._recent.add(key, coords)
-                self._stored.add(key)
-                stored += 1
             events = kept.record["events"]
-            statuses = collections.Counter(events["status"][i] for i in kept.positions())
+            statuses_column = events["status"]
+            if kept.rows is None and "failed" not in statuses_column:
+                # The common case, in bulk: every row stored, each a stored key.
+                pairs = list(kept.keys_and_coords())
+                self._recent.add_all(pairs)
+                self._stored.update(key for key, _ in pairs)
+                stored += len(pairs)
+                statuses = collections.Counter(statuses_column)
+            else:
+                for i, (key, coords) in zip(kept.positions(), kept.keys_and_coords(), strict=True):
+                    if statuses_column[i] == "failed":
+                        continue  # not a stored key (see sinks.apply)
+                    self._recent.add(key, coords)
+                    self._stored.add(key)
+                    stored += 1
+                statuses = collections.Counter(statuses_column[i] for i in kept.positions())
             for status, count in statuses.items():
                 STORED.labels(status).inc(count)
             if events["received_us"]:
