@@ -85,5 +85,5 @@ def fast_events(body: bytes, *, batch: bool) -> Any:
     decoder = _FAST_DECODERS[batch, b"\\" in body or b"\x7f" in body]
     try:
         return decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # (invalid UTF-8 in a string)
         return None
