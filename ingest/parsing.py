@@ -13,7 +13,6 @@ A ``charset`` parameter is accepted if it names UTF-8. A request is accepted or 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -165,12 +164,6 @@ def _accept_batch_exactly(
     return _accept(events, policy, now, batch=True, exact=_ExactData(body, "batch"))
 
 
-#: A number with a fraction or an exponent after a colon, "[" or "," (see _ExactData.may_hold_floats); the
-#: second, for a body that starts with one (binary mode's data: refused later, as it is no object).
-_FRACTION_OR_EXPONENT: Final = re.compile(rb"[:\[,]\s*-?\d+[.eE]")
-_FRACTION_OR_EXPONENT_FIRST: Final = re.compile(rb"\s*-?\d+[.eE]")
-
-
 class _ExactData:
     """The ``data`` of a request's events with every number as it was written. The validated events hold
     numbers with a fraction or an exponent as floats, which would store ``1234567890.123456789`` as
@@ -181,23 +174,6 @@ class _ExactData:
     def __init__(self, body: bytes, shape: Literal["event", "batch", "data"]) -> None:
         self._body, self._shape = body, shape
         self._parsed: Any = None
-        self._may_hold_floats: bool | None = None
-
-    def may_hold_floats(self) -> bool:
-        """False only if no number in the body has a fraction or an exponent: then no event's data needs
-        a look (most bodies: counts are integers). Scanned once per request, in C but for the few matches.
-
-        A JSON number comes after a member's colon, an array's ``[`` or a ``,`` (and whitespace); a member's
-        colon follows its key's closing quote (and whitespace), never a digit. So every such number matches
-        the pattern at a place not preceded by a digit; a time's ``:ss.`` (inside a string) is skipped that
-        way, and any other match inside a string only costs the look."""
-        if self._may_hold_floats is None:
-            body = self._body
-            self._may_hold_floats = any(
-                body[m.start() : m.start() + 1] != b":" or not body[m.start() - 1 : m.start()].isdigit()
-                for m in _FRACTION_OR_EXPONENT.finditer(body)
-            ) or bool(_FRACTION_OR_EXPONENT_FIRST.match(body))
-        return self._may_hold_floats
 
     def of(self, index: int) -> Any:
         if self._parsed is None:
@@ -295,7 +271,7 @@ def _accept(
         try:
             # Text, not a tree: the processor passes it through to the audit log without parsing it.
             value = event.data
-            if exact is not None and exact.may_hold_floats() and has_float(value):
+            if exact is not None and has_float(value):
                 value = exact.of(index - offset)
             data = orjson.dumps(value).decode()
         except TypeError:  # the only value JSON parsing gives that orjson cannot write: an int past 64 bits

@@ -142,19 +142,21 @@ def plan_batch(
             window = (delta["subject"], delta["provider"], delta["model"], delta["window_start"])
             totals = windows.get(window)
             if totals is None:
-                # The common case (a window first seen in this batch): built from the delta at once.
+                # The common case (a window first seen in this batch): built from the delta at once. Each
+                # value is still added to 0, so a corrupt record (a count that is null or text) fails here,
+                # in planning, where the sink tells a poison record, as it did when every delta was added.
                 windows[window] = Totals(
                     [
-                        delta["requests"],
-                        delta["input_tokens"],
-                        delta["output_tokens"],
-                        delta["cache_read_tokens"],
-                        delta["cache_write_tokens"],
-                        delta["reasoning_tokens"],
-                        delta["total_tokens"],
-                        delta["unpriced_requests"],
+                        0 + delta["requests"],
+                        0 + delta["input_tokens"],
+                        0 + delta["output_tokens"],
+                        0 + delta["cache_read_tokens"],
+                        0 + delta["cache_write_tokens"],
+                        0 + delta["reasoning_tokens"],
+                        0 + delta["total_tokens"],
+                        0 + delta["unpriced_requests"],
                     ],
-                    atto(delta["cost_atto"]),
+                    0 + atto(delta["cost_atto"]),
                 )
                 continue
             counts = totals.counts

@@ -183,3 +183,16 @@ def test_inconsistent_deltas_are_refused() -> None:
     broken["windows"][0]["requests"] = 0  # inconsistent with its audit rows
     with pytest.raises(AssertionError, match="negative"):
         plan_batch([broken], {("T", 0): 0}, stored)
+
+
+@pytest.mark.parametrize("value", [None, "x"])
+@pytest.mark.parametrize("field", ["requests", "total_tokens", "cost_atto"])
+def test_a_corrupt_count_fails_planning(field: str, value: Any) -> None:
+    """A delta whose count is null or text (a corrupt record) fails in planning, where the sink tells a
+    poison record, whether its window is new to the batch or already there."""
+    corrupt = record(0, row("a", 0))
+    corrupt["windows"][0][field] = value  # type: ignore[literal-required]
+    with pytest.raises((TypeError, ValueError)):
+        plan_batch([corrupt], {}, lambda keys: {})
+    with pytest.raises((TypeError, ValueError)):
+        plan_batch([record(0, row("b", 0)), {**corrupt, "offset": 1}], {}, lambda keys: {})
