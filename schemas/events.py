@@ -77,13 +77,20 @@ def from_micros(micros: int) -> datetime:
 def has_float(value: Any) -> bool:
     """Whether parsed JSON holds a number with a fraction or an exponent (parsed as a float, it may have lost
     digits: read the text again, keeping such numbers as written, where they must stay exact)."""
-    # A loop rather than any() over a generator: ingest asks this of every event's data.
-    if isinstance(value, float):
+    # Ingest asks this of every event's data, so: a loop rather than any() over a generator, and exact type
+    # checks rather than isinstance (~3x cheaper): parsed JSON holds only the plain types, never subclasses.
+    kind = type(value)
+    if kind is float:
         return True
-    if isinstance(value, dict):
+    if kind is dict:
         value = value.values()
-    elif not isinstance(value, list):
+    elif kind is not list:
         return False
+    for item in value:
+        kind = type(item)
+        if kind is float or ((kind is dict or kind is list) and has_float(item)):
+            return True
+    return False
     for item in value:  # noqa: SIM110
         # A tuple, not `dict | list`: isinstance against a union type is several times slower.
         if isinstance(item, float) or (isinstance(item, (dict, list)) and has_float(item)):

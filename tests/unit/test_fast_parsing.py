@@ -222,3 +222,19 @@ def test_invalid_utf8_takes_the_exact_path(body: bytes) -> None:
     batch = body.startswith(b"[")
     assert fast_events(body, batch=batch) is None
     check(body, batch=batch)
+
+
+def _holds_float(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_float(v) for v in value)
+    return isinstance(value, float)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_has_float_finds_every_float_at_any_depth(value: Any) -> None:
+    """``has_float`` decides whether an event's data is read again from the body to keep its numbers exact."""
+    assert parsing.has_float(value) is _holds_float(value)
+    assert parsing.has_float({"data": [value]}) is _holds_float(value)
