@@ -1,5 +1,5 @@
-"""``python -m bench.instructions [--baseline REV] [--events N]``: instructions per event of each stage's own
-Python work, this tree against another revision, counted by callgrind in the same run.
+"""``python -m bench.instructions [--baseline REV] [--events N] [--stages S ...]``: instructions per event of
+each stage's own Python work, this tree against another revision, counted by callgrind in the same run.
 
 Why instructions: on a shared 2-core VM the CPU time of the same loop moves by a third from one run to the
 next, which hides a 10 % change; callgrind counts the instructions executed, which do not move (the same
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="HEAD", help="revision to compare with (default: HEAD)")
     parser.add_argument("--events", type=int, default=8000, help="events measured per stage (default 8,000)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to count")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # the child run under callgrind
     args = parser.parse_args(argv)
     if args.stage:
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"instructions per event (callgrind), this tree against {revision}; ratio > 1: this tree is better")
             print("| stage | this tree | baseline | ratio |")
             print("|---|---|---|---|")
-            for stage in STAGES:
+            for stage in args.stages:
                 here = _count(ROOT, stage, args.events, Path(temp))
                 there = _count(base, stage, args.events, Path(temp))
                 print(f"| {stage} | {here:,.0f} | {there:,.0f} ({revision}) | {there / here:.2f}x |", flush=True)
