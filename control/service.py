@@ -992,6 +992,10 @@ def current_period(ent: Entitlement, resets: Sequence[UsageReset], at: datetime)
 def window_grid(start: datetime, end: datetime, window_size: str, time_zone: str) -> list[tuple[datetime, datetime]]:
     """Windows of ``window_size`` in ``time_zone`` covering ``[start, end)``, the first one starting at or
     before ``start``."""
+    if window_size == "HOUR":
+        hours = _local_hour_starts(start, end, ZoneInfo(time_zone))
+        if hours is not None:
+            return list(itertools.pairwise(hours))
     # Anchored at a local midnight: hours in a zone with a half-hour offset start at :30 UTC, as the query
     # API's HOUR windows do.
     local_midnight = datetime(2000, 1, 1, tzinfo=ZoneInfo(time_zone))
@@ -1004,3 +1008,34 @@ def window_grid(start: datetime, end: datetime, window_size: str, time_zone: str
     if bounds[-1] < end:
         bounds.append(period.containing(end)[1])
     return list(itertools.pairwise(bounds))
+
+
+_QUARTER_HOUR: Final = timedelta(minutes=15)
+
+
+def _local_hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[datetime] | None:
+    """The instants at which a local hour starts (local minute and second zero), from the last one at or
+    before ``start`` to the first one at or after ``end``: the query API's HOUR windows start at the local
+    hour of each minute, so after Australia/Lord_Howe's half-hour DST change its hours start half an hour
+    later in UTC, which stepping 60 minutes from one anchor misses (the window around the change is then
+    90 or 30 minutes long). Every zone's offset since 1972 is a multiple of 15 minutes, so the instants lie
+    on UTC quarter hours; None if a zone has none for two hours (Monrovia's -0:44:30 before 1972)."""
+    t = start.astimezone(UTC).replace(second=0, microsecond=0)
+    t -= timedelta(minutes=t.minute % 15)
+    for _ in range(9):
+        local = t.astimezone(zone)
+        if local.minute == 0 and local.second == 0:
+            break
+        t -= _QUARTER_HOUR
+    else:
+        return None
+    starts, misses = [t], 0
+    while starts[-1] < end:
+        t += _QUARTER_HOUR
+        local = t.astimezone(zone)
+        if local.minute == 0 and local.second == 0:
+            starts.append(t)
+            misses = 0
+        elif (misses := misses + 1) > 8:
+            return None
+    return starts
