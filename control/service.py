@@ -996,8 +996,8 @@ def window_grid(start: datetime, end: datetime, window_size: str, time_zone: str
         hours = _local_hour_starts(start, end, ZoneInfo(time_zone))
         if hours is not None:
             return list(itertools.pairwise(hours))
-    # Anchored at a local midnight: hours in a zone with a half-hour offset start at :30 UTC, as the query
-    # API's HOUR windows do.
+    # Anchored at a local midnight (HOUR too, when _local_hour_starts has no answer: hours in a zone with a
+    # half-hour offset then start at :30 UTC, as the query API's do).
     local_midnight = datetime(2000, 1, 1, tzinfo=ZoneInfo(time_zone))
     interval = {"MINUTE": Interval(minutes=1), "HOUR": Interval(minutes=60), "DAY": Interval(days=1)}.get(
         window_size, Interval(months=1)
@@ -1020,11 +1020,15 @@ def _local_hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[d
     later in UTC, which stepping 60 minutes from one anchor misses (the window around the change is then
     90 or 30 minutes long). Every zone's offset since 1972 is a multiple of 15 minutes, so the instants lie
     on UTC quarter hours; None if a zone has none for two hours (Monrovia's -0:44:30 before 1972)."""
+
+    def at_local_hour(t: datetime) -> bool:
+        local = t.astimezone(zone)
+        return local.minute == 0 and local.second == 0
+
     t = start.astimezone(UTC).replace(second=0, microsecond=0)
     t -= timedelta(minutes=t.minute % 15)
     for _ in range(9):
-        local = t.astimezone(zone)
-        if local.minute == 0 and local.second == 0:
+        if at_local_hour(t):
             break
         t -= _QUARTER_HOUR
     else:
@@ -1032,8 +1036,7 @@ def _local_hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[d
     starts, misses = [t], 0
     while starts[-1] < end:
         t += _QUARTER_HOUR
-        local = t.astimezone(zone)
-        if local.minute == 0 and local.second == 0:
+        if at_local_hour(t):
             starts.append(t)
             misses = 0
         elif (misses := misses + 1) > 8:

@@ -269,13 +269,35 @@ class Pricer:
         keys = tuple(usage)  # insertion order: one cache entry per payload shape, no sorting per event
         # The common case in one lookup: an untiered price whose coefficients for these keys are known.
         known = self._untiered.get((resolve_key, keys))
-        if known is not None:
-            cin, cout, ctotal = known[1].apply(usage)
-            price = Price(cin, cout, ctotal, known[0].source)
-            self._priced += 1
-            if self._check_every and self._priced % self._check_every == 0:
-                return self._verified(price, known[0], usage, provider, model)
-            return price
+        if known is None:
+            learned = self._coefficients(
+                provider, model, time_us, usage, context=context, resolve_key=resolve_key, keys=keys
+            )
+            if isinstance(learned, (Price, Unpriced)):
+                return learned
+            known = learned
+        resolved, affine = known
+        cin, cout, ctotal = affine.apply(usage)
+        price = Price(cin, cout, ctotal, resolved.source)
+        self._priced += 1
+        if self._check_every and self._priced % self._check_every == 0:
+            return self._verified(price, resolved, usage, provider, model)
+        return price
+
+    def _coefficients(
+        self,
+        provider: str,
+        model: str,
+        time_us: int,
+        usage: Mapping[str, int],
+        *,
+        context: Mapping[str, str] | None,
+        resolve_key: tuple[Any, ...],
+        keys: tuple[str, ...],
+    ) -> tuple[_Resolved, _Affine] | Price | Unpriced:
+        """The price in force and its linear form for these usage keys (kept for the one-lookup path when
+        the price has no tiers), or the event's answer when there is no linear form (calc_price's price, or
+        unpriced)."""
         resolved = self._by_minute.get(resolve_key)
         if resolved is None:
             if len(self._by_minute) >= _MAX_CACHE_ENTRIES:
@@ -298,12 +320,7 @@ class Pricer:
             if len(self._untiered) >= _MAX_CACHE_ENTRIES:
                 self._untiered.clear()
             self._untiered[resolve_key, keys] = (resolved, affine)
-        cin, cout, ctotal = affine.apply(usage)
-        price = Price(cin, cout, ctotal, resolved.source)
-        self._priced += 1
-        if self._check_every and self._priced % self._check_every == 0:
-            return self._verified(price, resolved, usage, provider, model)
-        return price
+        return resolved, affine
 
     def _verified(
         self, price: Price, resolved: _Resolved, usage: Mapping[str, int], provider: str, model: str
